@@ -1,0 +1,26 @@
+# ucpflow: DeepSpeed checkpoint conversion as a Snakemake workflow.
+#   index -> extract (per source file) -> merge (per bucket of parameters)
+#         -> publish (per parameter) -> finalize (latest_universal)
+import os
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The shipped defaults; --configfile / --config override them from any working directory.
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/index.smk"
+include: "rules/extract.smk"
+include: "rules/merge.smk"
+include: "rules/finalize.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        SETTINGS.latest_universal,

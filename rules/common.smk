@@ -1,0 +1,71 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# Rules run scripts in fresh processes (possibly on other nodes): they find the package this way.
+PACKAGE_ROOT = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, PACKAGE_ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p
+)
+
+from ucpflow.config import Settings, coerce_booleans, explain_validation_error
+from ucpflow.errors import UcpflowError
+
+try:
+    coerce_booleans(config, workflow.source_path("../schemas/config.schema.yaml"))
+    validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+    SETTINGS = Settings.from_config(config)
+except WorkflowError as error:
+    sys.exit(f"ucpflow error: {explain_validation_error(error)}")
+except UcpflowError as error:
+    sys.exit(f"ucpflow error: {error}")
+
+OUT = SETTINGS.output_folder
+WORK = SETTINGS.work_folder
+INDEX = f"{WORK}/index"
+LOGS = f"{WORK}/logs"
+
+
+def staging_output(path):
+    """The merge staging folder is removed once published, unless the user keeps temp folders."""
+    return directory(path) if config["keep_temp_folder"] else temp(directory(path))
+
+
+_INDEX_CACHE = {}
+
+
+def _read_index_file(path, reader):
+    """Input functions run thousands of times: read each index file once per version on disk."""
+    key = (path, os.path.getmtime(path))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = reader(path)
+    return _INDEX_CACHE[key]
+
+
+def _read_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _read_buckets(path):
+    import pandas as pd
+
+    params = pd.read_csv(
+        path, sep="\t", keep_default_na=False, usecols=["param", "bucket"]
+    )
+    return dict(zip(params["param"], params["bucket"]))
+
+
+def indexed_layout():
+    """The checkpoint layout written by the `index` checkpoint (raises until that job has run)."""
+    return _read_index_file(checkpoints.index.get().output.layout, _read_json)
+
+
+def bucket_of_parameter():
+    """{parameter: merge bucket} from the index."""
+    return _read_index_file(checkpoints.index.get().output.params, _read_buckets)

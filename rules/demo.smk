@@ -1,0 +1,14 @@
+rule demo_checkpoint:
+    """Train the demo GPT with real DeepSpeed (CPU processes) and save its checkpoint."""
+    output:
+        latest=f"{SETTINGS.demo_folder}/latest",
+    log:
+        f"{LOGS}/demo_checkpoint.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    threads: config["demo"]["processes"]
+    params:
+        folder=SETTINGS.demo_folder,
+        demo=config["demo"],
+    script:
+        "../scripts/demo_checkpoint.py"

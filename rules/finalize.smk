@@ -1,0 +1,62 @@
+def model_state_source(wildcards):
+    sources = {os.path.basename(path): path for path in indexed_layout()["copy_files"]}
+    return sources[wildcards.model_file]
+
+
+def universal_outputs(wildcards):
+    layout = indexed_layout()
+    return (
+        [f"{OUT}/zero/{param}/fp32.pt" for param in bucket_of_parameter()]
+        + [rules.optimizer_state.output[0]]
+        + [f"{OUT}/{os.path.basename(path)}" for path in layout["copy_files"]]
+    )
+
+
+rule optimizer_state:
+    """zero/optimizer_state.pt: the first rank's optimizer state without its sharded tensors."""
+    input:
+        layout=rules.index.output.layout,
+    output:
+        f"{OUT}/zero/optimizer_state.pt",
+    log:
+        f"{LOGS}/optimizer_state.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    script:
+        "../scripts/optimizer_state.py"
+
+
+rule copy_model_state:
+    """Copy one model-states file into the universal checkpoint, as DeepSpeed does."""
+    input:
+        layout=rules.index.output.layout,
+        source=model_state_source,
+    output:
+        f"{OUT}/{{model_file}}",
+    log:
+        f"{LOGS}/copy/{{model_file}}.log",
+    wildcard_constraints:
+        model_file=r"[^/]+_model_states\.pt",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        source=model_state_source,
+    script:
+        "../scripts/copy_model_state.py"
+
+
+rule finalize:
+    """Write latest_universal last: its presence means the universal checkpoint is complete."""
+    input:
+        universal_outputs,
+    output:
+        SETTINGS.latest_universal,
+    log:
+        f"{LOGS}/finalize.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        output_folder=OUT,
+        keep_temp_folder=config["keep_temp_folder"],
+    script:
+        "../scripts/finalize.py"

@@ -1,0 +1,29 @@
+def checkpoint_input(wildcards):
+    """The demo is built by a rule; a user's folder only has to exist (its mtime never reruns the index)."""
+    if SETTINGS.builds_demo:
+        return rules.demo_checkpoint.output.latest
+    return ancient(SETTINGS.input_folder)
+
+
+checkpoint index:
+    """Read the checkpoint's metadata (no tensor data): layout, fragment table, merge plan."""
+    input:
+        checkpoint_input,
+    output:
+        layout=f"{INDEX}/layout.json",
+        fragments=f"{INDEX}/fragments.tsv",
+        params=f"{INDEX}/params.tsv",
+        info=f"{INDEX}/universal_info.pkl",
+    log:
+        f"{LOGS}/index.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        input_folder=SETTINGS.input_folder,
+        output_folder=OUT,
+        strict=config["strict"],
+        inject_missing_state=config["inject_missing_state"],
+        merge_job_bytes=config["merge_job_bytes"],
+        merge_min_jobs=config["merge_min_jobs"],
+    script:
+        "../scripts/index.py"

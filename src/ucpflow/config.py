@@ -1,0 +1,66 @@
+"""Workflow settings derived from the validated config, and config errors in one sentence."""
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from .errors import UcpflowError
+
+
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def coerce_booleans(config, schema_path):
+    """`--config strict=false` arrives as the string 'false'; read such words as the booleans the schema wants."""
+    import yaml
+
+    with open(schema_path) as handle:
+        properties = yaml.safe_load(handle).get("properties", {})
+    for key, spec in properties.items():
+        value = config.get(key)
+        if spec.get("type") == "boolean" and isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
+            config[key] = BOOLEAN_WORDS[value.lower()]
+
+
+def explain_validation_error(error):
+    """One sentence for a jsonschema ValidationError wrapped in Snakemake's WorkflowError."""
+    cause = error.__cause__ or error.__context__
+    if not hasattr(cause, "absolute_path"):
+        return f"The config is invalid: {error}"
+    key = ".".join(str(part) for part in cause.absolute_path)
+    return f"Config key `{key}`: {cause.message}." if key else f"Config: {cause.message}."
+
+
+def default_work_folder(output_folder):
+    absolute = os.path.abspath(output_folder)
+    digest = hashlib.sha1(absolute.encode()).hexdigest()[:8]
+    return os.path.join("ucpflow-work", f"{os.path.basename(absolute)}-{digest}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    input_folder: str
+    output_folder: str
+    work_folder: str
+    demo_folder: str
+    latest_universal: str
+
+    @property
+    def builds_demo(self):
+        return os.path.normpath(self.input_folder) == os.path.normpath(self.demo_folder)
+
+    @classmethod
+    def from_config(cls, config):
+        output = os.path.normpath(config["output_folder"])
+        settings = cls(
+            input_folder=os.path.normpath(config["input_folder"]),
+            output_folder=output,
+            work_folder=os.path.normpath(config.get("work_folder") or default_work_folder(output)),
+            demo_folder=os.path.normpath(config["demo"]["folder"]),
+            latest_universal=os.path.join(os.path.dirname(output), "latest_universal"),
+        )
+        if not settings.builds_demo and not os.path.isdir(settings.input_folder):
+            raise UcpflowError(f"Config key `input_folder`: {settings.input_folder} does not exist or is not a folder.")
+        if os.path.abspath(output) == os.path.abspath(settings.input_folder):
+            raise UcpflowError("Config keys `input_folder` and `output_folder` name the same folder.")
+        return settings

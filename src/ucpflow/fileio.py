@@ -1,0 +1,60 @@
+"""Atomic file writing: every output appears under its final name only once it is complete."""
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _temp_path(final, suffix=""):
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}", dir=final.parent)
+    os.close(handle)
+    return Path(name)
+
+
+@contextmanager
+def atomic_writer(final, mode="w"):
+    """Open a temp file beside `final`; on success rename it into place, on error remove it."""
+    temp = _temp_path(final)
+    try:
+        with open(temp, mode, **({} if "b" in mode else {"newline": ""})) as handle:
+            yield handle
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(final, text):
+    with atomic_writer(final) as handle:
+        handle.write(text)
+
+
+@contextmanager
+def atomic_directory(final):
+    """Build a directory under a temp name beside `final`; rename it into place when complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield temp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temp, final)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def copy_file(source, final):
+    """Copy with metadata (as shutil.copy2 does) through a temp name."""
+    temp = _temp_path(final)
+    try:
+        shutil.copy2(source, temp)
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

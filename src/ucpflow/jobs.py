@@ -1,0 +1,159 @@
+"""What each workflow rule does, as plain functions of paths and parameters (the scripts in scripts/
+only unpack `snakemake` and call these), so every step can be tested and reused without Snakemake."""
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+from . import dsconst as C
+from .errors import CheckpointError
+from .extract import KIND_MODEL, KIND_ZERO3, KIND_ZERO12
+from .fileio import atomic_directory, atomic_writer, copy_file, write_text
+
+STAGING = "tmp"
+ZERO = "zero"
+OPTIMIZER_STATE_FILE = "optimizer_state.pt"
+LATEST_UNIVERSAL = "latest_universal"
+
+
+def source_name(path):
+    """The extraction target name of a source file: its file name without `.pt`."""
+    return Path(path).name[: -len(".pt")]
+
+
+def latest_universal_path(output_folder):
+    return os.path.join(os.path.dirname(os.path.normpath(output_folder)), LATEST_UNIVERSAL)
+
+
+def check_output_folder(output_folder, copy_names):
+    """Refuse an output folder that holds anything a conversion would not write there."""
+    folder = Path(output_folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"Output folder {folder} exists and is a file.")
+    allowed = {ZERO, STAGING} | set(copy_names)
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in allowed and not entry.name.startswith("."):
+            raise CheckpointError(
+                f"Output folder {folder} already holds {entry.name}, which is not part of a universal checkpoint "
+                "of this input; choose an empty or new output folder."
+            )
+
+
+def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_state, job_bytes, min_jobs):
+    from .index import build_index, layout_record
+    from .plan import assign_buckets, bucket_sources
+
+    layout, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
+    check_output_folder(output_folder, [Path(p).name for p in layout.copy_files])
+    params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
+    record = layout_record(layout, outputs["info"])
+    record["output_folder"] = str(output_folder)
+    record["optimizer_state_source"] = optimizer_state_source(layout)
+    record["sources"] = source_kinds(layout, params)
+    record["bucket_sources"] = {b: [source_name(p) for p in files] for b, files in bucket_sources(fragments, params).items()}
+    with atomic_writer(outputs["info"], "wb") as handle:
+        pickle.dump(info, handle)
+    with atomic_writer(outputs["fragments"]) as handle:
+        fragments.to_csv(handle, sep="\t", index=False)
+    with atomic_writer(outputs["params"]) as handle:
+        params.to_csv(handle, sep="\t", index=False)
+    write_text(outputs["layout"], json.dumps(record, indent=1))
+    return layout, params
+
+
+def optimizer_state_source(layout):
+    if layout.zero_stage > 2:
+        return layout.rank_files[0].path
+    return layout.rank_file(0, 0, 0).path
+
+
+def source_kinds(layout, params):
+    """{extraction name: {path, kind}} for every file a merge reads."""
+    kind = KIND_ZERO3 if layout.zero_stage > 2 else KIND_ZERO12
+    sources = {source_name(r.path): {"path": r.path, "kind": kind} for r in layout.rank_files}
+    for path in sorted(set(p for p in params["source"] if p)):
+        sources[source_name(path)] = {"path": path, "kind": KIND_MODEL}
+    return sources
+
+
+def load_layout(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def extract_job(source_path, kind, output):
+    from .extract import write_extraction
+
+    write_extraction(source_path, kind, output)
+
+
+def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_paths, staging):
+    """Merge every parameter of one bucket into `staging/<param>/`, which appears only when all are done."""
+    import pandas as pd
+
+    from .extract import read_extraction
+    from .merge import FragmentReader, merge_parameter
+    from .patterns import classify
+
+    layout = load_layout(layout_path)
+    with open(info_path, "rb") as handle:
+        info = pickle.load(handle)
+    params = pd.read_csv(params_path, sep="\t", keep_default_na=False)
+    params = params[params["bucket"] == bucket]
+    fragments = pd.read_csv(fragments_path, sep="\t", keep_default_na=False)
+    fragments = fragments[fragments["param"].isin(set(params["param"]))]
+    by_param = {name: list(group.itertuples(index=False)) for name, group in fragments.groupby("param", sort=False)}
+    maps = {layout["sources"][source_name_of(p)]["path"]: read_extraction(p) for p in map_paths}
+    reader = FragmentReader(maps)
+    try:
+        with atomic_directory(staging) as folder:
+            for row in params.to_dict("records"):
+                rule = classify(info, row["param"]) if row["merge"] else None
+                merge_parameter(
+                    reader, row, by_param.get(row["param"], []), rule, info, layout["tp_degree"],
+                    os.path.join(folder, row["param"]),
+                )
+    finally:
+        reader.close()
+
+
+def source_name_of(map_path):
+    return Path(map_path).name[: -len(".tsv")]
+
+
+def optimizer_state_job(layout_path, output):
+    """zero/optimizer_state.pt: the first rank's optimizer state without its sharded tensors (as DeepSpeed)."""
+    from . import ptfile
+
+    layout = load_layout(layout_path)
+    source = layout["optimizer_state_source"]
+    structure = ptfile.load(source)
+    optim = structure[C.OPTIMIZER_STATE_DICT]
+    if layout["zero_stage"] > 2:
+        state = optim
+        state[C.PARAM_GROUPS] = optim[C.OPTIMIZER_STATE_DICT][C.PARAM_GROUPS]
+    else:
+        sharded = {C.BASE_OPTIMIZER_STATE, C.PARAM_SLICE_MAPPINGS, C.SINGLE_PARTITION_OF_FP32_GROUPS}
+        state = {k: v for k, v in optim.items() if k not in sharded}
+        if state.get(C.GROUP_PADDINGS):
+            state[C.GROUP_PADDINGS] = [0] * len(state[C.GROUP_PADDINGS])
+        if state.get(C.PARTITION_COUNT):
+            state[C.PARTITION_COUNT] = [layout["dp_degree"]] * len(state[C.PARTITION_COUNT])
+        state[C.PARAM_GROUPS] = optim[C.BASE_OPTIMIZER_STATE][C.PARAM_GROUPS]
+    ptfile.save(state, output)
+
+
+def copy_model_state_job(source, output):
+    copy_file(source, output)
+
+
+def finalize_job(output_folder, latest_path, keep_temp_folder):
+    """Write `latest_universal` last, once every other output exists; drop the emptied staging folder."""
+    staging = Path(output_folder) / STAGING
+    if staging.is_dir() and not keep_temp_folder and not any(staging.iterdir()):
+        shutil.rmtree(staging)
+    write_text(latest_path, Path(os.path.normpath(output_folder)).name)
