@@ -1,0 +1,1 @@
+"""Test helpers for running workflows on a real single-node SLURM cluster."""
