@@ -6,7 +6,7 @@ rule demo_checkpoint:
         f"{LOGS}/demo_checkpoint.log",
     conda:
         "../envs/ucpflow.yaml"
-    threads: config["demo"]["processes"]
+    threads: config["demo"]["num_procs"]
     params:
         folder=SETTINGS.demo_folder,
         demo=config["demo"],

@@ -157,3 +157,16 @@ def finalize_job(output_folder, latest_path, keep_temp_folder):
     if staging.is_dir() and not keep_temp_folder and not any(staging.iterdir()):
         shutil.rmtree(staging)
     write_text(latest_path, Path(os.path.normpath(output_folder)).name)
+
+
+def demo_checkpoint_job(spec, latest_output):
+    """Train the demo GPT with DeepSpeed and save it; the folder appears complete or not at all."""
+    from .demo.launch import build_checkpoint
+
+    options = dict(spec)
+    folder, num_procs = options.pop("folder"), options.pop("num_procs")
+    with atomic_directory(folder) as staging:
+        tag_folder = build_checkpoint(staging, num_procs=num_procs, **options)
+    print(f"demo checkpoint {Path(folder) / tag_folder.name} built with {num_procs} processes")
+    if not Path(latest_output).is_file():
+        raise CheckpointError(f"DeepSpeed did not write {latest_output}.")

@@ -1,0 +1,11 @@
+"""Rule `demo_checkpoint`: train the demo GPT with real DeepSpeed on CPU processes and save it."""
+
+from ucpflow.jobs import demo_checkpoint_job
+from ucpflow.smk import run
+
+
+def main():
+    demo_checkpoint_job(snakemake.params.demo, snakemake.output.latest)
+
+
+run(snakemake, main)
