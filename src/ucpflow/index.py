@@ -51,9 +51,27 @@ def _tensor(path, value, what):
     return value
 
 
+def _step_value(value):
+    return value.read(0, 1).item() if isinstance(value, TensorRef) else value
+
+
+def _check_same_step(steps_by_file):
+    """Every rank's Adam step of a parameter group must agree, or the files come from different saves."""
+    seen = {}
+    for path, steps in steps_by_file.items():
+        for group, step in steps.items():
+            if group in seen and seen[group][1] != step:
+                raise CheckpointError(
+                    f"{path} holds optimizer step {step} but {seen[group][0]} holds step {seen[group][1]}: "
+                    "the folder mixes files from different checkpoints."
+                )
+            seen.setdefault(group, (path, step))
+
+
 def _stage12_fragments(layout, info):
     pipeline_replicated = info.get(C.PIPELINE_REPLICATED_PARAMETER_PATTERNS, []) or []
     rows = []
+    steps_by_file = {}
     for rank in layout.rank_files:
         structure = load_structure(rank.path)
         optim = structure.get(C.OPTIMIZER_STATE_DICT) or {}
@@ -83,6 +101,8 @@ def _stage12_fragments(layout, info):
                 "exp_avg_sq": flat["exp_avg_sq"].numel - paddings[group],
             }
             states = list(OPTIMIZER_STATES) + ([STEP] if STEP in groups[group] else [])
+            if STEP in groups[group]:
+                steps_by_file.setdefault(rank.path, {})[group] = _step_value(groups[group][STEP])
             for name, address in mappings[group].items():
                 if rank.pp > 0 and any(re.match(p, name) for p in pipeline_replicated):
                     continue
@@ -95,6 +115,7 @@ def _stage12_fragments(layout, info):
                         )
                     rows.append((name, state, rank.tp, rank.pp, rank.dp, rank.path, f"{state}/{group}",
                                  0 if state == STEP else start, 1 if state == STEP else numel))
+    _check_same_step(steps_by_file)
     return rows
 
 

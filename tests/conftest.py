@@ -1,0 +1,79 @@
+"""Shared fixtures: real DeepSpeed checkpoints (built once per session) and workflow runners."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from ucpflow.demo.launch import build_checkpoint  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: needs the single-node SLURM cluster (.ci/slurm-setup.sh)")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_cache(tmp_path_factory):
+    """Where built checkpoints live: $UCPFLOW_TEST_CACHE to reuse them across sessions, else a session tmp dir."""
+    cached = os.environ.get("UCPFLOW_TEST_CACHE")
+    root = Path(cached) if cached else tmp_path_factory.mktemp("checkpoints")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def deepspeed_checkpoint(checkpoint_cache):
+    """build(name, num_procs=2, **train_options) -> tag folder of a checkpoint DeepSpeed trained and saved."""
+
+    def build(name, num_procs=2, **options):
+        save_dir = checkpoint_cache / name
+        done = save_dir / ".complete"
+        if not done.exists():
+            shutil.rmtree(save_dir, ignore_errors=True)
+            build_checkpoint(save_dir, num_procs=num_procs, timeout=900, **options)
+            done.write_text("ok")
+        return save_dir / (save_dir / "latest").read_text().strip()
+
+    return build
+
+
+def snakemake(workdir, *args, config=None, check=False, timeout=900):
+    """Run the ucpflow workflow in `workdir` (2 cores) and return the CompletedProcess."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--cores", "2", *args]
+    if config:
+        command += ["--config", *(f"{key}={value}" for key, value in config.items())]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def convert(workdir, input_folder, output_folder, **config):
+    return snakemake(workdir, config={"input_folder": input_folder, "output_folder": output_folder, **config}, check=True)
+
+
+def ds_to_universal(input_folder, output_folder, *flags):
+    """DeepSpeed's own converter, the oracle, with 2 extract and 2 merge workers."""
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(input_folder),
+               "--output_folder", str(output_folder), "--num_extract_workers", "2", "--num_merge_workers", "2", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"ds_to_universal failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return Path(output_folder)
+
+
+def copy_tag(tag_folder, destination_root):
+    """A private copy of a checkpoint tag folder (and its `latest`), for tests that damage or convert it."""
+    destination_root = Path(destination_root)
+    destination_root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(tag_folder, destination_root / tag_folder.name)
+    (destination_root / "latest").write_text(tag_folder.name)
+    return destination_root / tag_folder.name
