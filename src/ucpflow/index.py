@@ -52,7 +52,8 @@ def _tensor(path, value, what):
 
 
 def _step_value(value):
-    return value.read(0, 1).item() if isinstance(value, TensorRef) else value
+    step = value.read(0, 1).item() if isinstance(value, TensorRef) else value
+    return int(step) if isinstance(step, float) and step.is_integer() else step
 
 
 def _check_same_step(steps_by_file):
