@@ -9,8 +9,8 @@ from snakemake.utils import validate
 # Rules run scripts in fresh processes (possibly on other nodes): they find the package this way.
 PACKAGE_ROOT = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, PACKAGE_ROOT)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_ROOT, os.getenv("PYTHONPATH")) if p)
 )
 
 from ucpflow.config import Settings, coerce_booleans, explain_validation_error
@@ -69,3 +69,42 @@ def indexed_layout():
 def bucket_of_parameter():
     """{parameter: merge bucket} from the index."""
     return _read_index_file(checkpoints.index.get().output.params, _read_buckets)
+
+
+def checkpoint_input(wildcards):
+    """The demo is built by a rule; a user's folder only has to exist (its mtime never reruns the index)."""
+    if SETTINGS.builds_demo:
+        return rules.demo_checkpoint.output.latest
+    return ancient(SETTINGS.input_folder)
+
+
+def extraction_source(wildcards):
+    sources = indexed_layout()["sources"]
+    if wildcards.source not in sources:
+        raise WorkflowError(
+            f"{wildcards.source} is not a file of the indexed checkpoint."
+        )
+    return sources[wildcards.source]
+
+
+def bucket_maps(wildcards):
+    names = indexed_layout()["bucket_sources"][wildcards.bucket]
+    return [f"{WORK}/extract/{name}.tsv" for name in names]
+
+
+def staged_parameter(wildcards):
+    return f"{OUT}/tmp/{bucket_of_parameter()[wildcards.param]}"
+
+
+def model_state_source(wildcards):
+    sources = {os.path.basename(path): path for path in indexed_layout()["copy_files"]}
+    return sources[wildcards.model_file]
+
+
+def universal_outputs(wildcards):
+    layout = indexed_layout()
+    return (
+        [f"{OUT}/zero/{param}/fp32.pt" for param in bucket_of_parameter()]
+        + [rules.optimizer_state.output[0]]
+        + [f"{OUT}/{os.path.basename(path)}" for path in layout["copy_files"]]
+    )

@@ -8,7 +8,6 @@ rule demo_checkpoint:
         "../envs/ucpflow.yaml"
     threads: config["demo"]["num_procs"]
     params:
-        folder=SETTINGS.demo_folder,
         demo=config["demo"],
     script:
         "../scripts/demo_checkpoint.py"

@@ -1,12 +1,3 @@
-def extraction_source(wildcards):
-    sources = indexed_layout()["sources"]
-    if wildcards.source not in sources:
-        raise WorkflowError(
-            f"{wildcards.source} is not a file of the indexed checkpoint."
-        )
-    return sources[wildcards.source]
-
-
 rule extract:
     """Map where each flat tensor of one rank (or model-states) file lies, for in-place reads."""
     input:

@@ -1,17 +1,3 @@
-def model_state_source(wildcards):
-    sources = {os.path.basename(path): path for path in indexed_layout()["copy_files"]}
-    return sources[wildcards.model_file]
-
-
-def universal_outputs(wildcards):
-    layout = indexed_layout()
-    return (
-        [f"{OUT}/zero/{param}/fp32.pt" for param in bucket_of_parameter()]
-        + [rules.optimizer_state.output[0]]
-        + [f"{OUT}/{os.path.basename(path)}" for path in layout["copy_files"]]
-    )
-
-
 rule optimizer_state:
     """zero/optimizer_state.pt: the first rank's optimizer state without its sharded tensors."""
     input:

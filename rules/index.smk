@@ -1,10 +1,3 @@
-def checkpoint_input(wildcards):
-    """The demo is built by a rule; a user's folder only has to exist (its mtime never reruns the index)."""
-    if SETTINGS.builds_demo:
-        return rules.demo_checkpoint.output.latest
-    return ancient(SETTINGS.input_folder)
-
-
 checkpoint index:
     """Read the checkpoint's metadata (no tensor data): layout, fragment table, merge plan."""
     input:

@@ -1,12 +1,3 @@
-def bucket_maps(wildcards):
-    names = indexed_layout()["bucket_sources"][wildcards.bucket]
-    return [f"{WORK}/extract/{name}.tsv" for name in names]
-
-
-def staged_parameter(wildcards):
-    return f"{OUT}/tmp/{bucket_of_parameter()[wildcards.param]}"
-
-
 rule merge:
     """Merge one bucket of parameters into staged universal files (OUT/tmp/<bucket>/<param>/*.pt)."""
     input:
@@ -29,7 +20,8 @@ rule merge:
 
 rule publish:
     """Move one parameter's staged folder to OUT/zero/<param> in one rename; hard links keep the staged
-    copy until every parameter is published, so an interrupted publish can simply run again."""
+    copy until every parameter is published, so an interrupted publish can simply run again.
+    """
     input:
         staged_parameter,
     output:
@@ -37,14 +29,14 @@ rule publish:
         f"{OUT}/zero/{{param}}/fp32.pt",
     log:
         f"{LOGS}/publish/{{param}}.log",
-    params:
-        folder=lambda wildcards, output: os.path.dirname(output[0]),
-        link=lambda wildcards, input: f"{input[0]}/.{wildcards.param}.publish",
     wildcard_constraints:
         param=r"[^/]+",
     localrule: True
     conda:
         "../envs/ucpflow.yaml"
+    params:
+        folder=lambda wildcards, output: os.path.dirname(output[0]),
+        link=lambda wildcards, input: f"{input[0]}/.{wildcards.param}.publish",
     shell:
         "(rm -rf {params.link:q} && cp -al {input:q}/{wildcards.param:q} {params.link:q}"
         " && rm -rf {params.folder:q} && mv -T {params.link:q} {params.folder:q}) > {log:q} 2>&1"
