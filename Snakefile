@@ -23,4 +23,6 @@ include: "rules/finalize.smk"
 rule all:
     default_target: True
     input:
+        # Every parameter's files too, so that a deleted parameter folder is converted again.
+        universal_outputs,
         SETTINGS.latest_universal,
