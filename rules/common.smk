@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ _INDEX_CACHE = {}
 
 def _read_index_file(path, reader):
     """Input functions run thousands of times: read each index file once per version on disk."""
-    key = (path, os.path.getmtime(path))
+    key = (path, os.path.getmtime(path), reader.__name__)
     if key not in _INDEX_CACHE:
         _INDEX_CACHE[key] = reader(path)
     return _INDEX_CACHE[key]
@@ -108,3 +109,30 @@ def universal_outputs(wildcards):
         + [rules.optimizer_state.output[0]]
         + [f"{OUT}/{os.path.basename(path)}" for path in layout["copy_files"]]
     )
+
+
+def _read_bucket_sizes(path):
+    import pandas as pd
+
+    params = pd.read_csv(
+        path, sep="\t", keep_default_na=False, usecols=["bucket", "bytes", "numel"]
+    )
+    grouped = params.groupby("bucket")
+    return {
+        bucket: {"bytes": int(total), "largest": int(largest) * 4}
+        for bucket, total, largest in zip(
+            grouped.size().index, grouped["bytes"].sum(), grouped["numel"].max()
+        )
+    }
+
+
+def merge_mem_mb(wildcards):
+    """A merge holds one parameter at a time: its fragments, the merged tensor and the write buffer."""
+    sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
+    return 512 + math.ceil(4 * sizes[wildcards.bucket]["largest"] / 2**20)
+
+
+def merge_runtime(wildcards):
+    """Minutes for a bucket at a pessimistic 50 MB/s of universal output, plus start-up."""
+    sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
+    return 10 + math.ceil(sizes[wildcards.bucket]["bytes"] / 50e6 / 60)

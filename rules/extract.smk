@@ -9,8 +9,15 @@ rule extract:
         f"{LOGS}/extract/{{source}}.log",
     wildcard_constraints:
         source=r"[^/]+",
+    retries: config["retries"]
+    # Hundreds of rank files: batch their extractions into few cluster jobs (see profiles/slurm).
+    group:
+        "extract"
     conda:
         "../envs/ucpflow.yaml"
+    resources:
+        mem_mb=1024,
+        runtime=15,
     params:
         source=lambda wildcards: extraction_source(wildcards)["path"],
         kind=lambda wildcards: extraction_source(wildcards)["kind"],

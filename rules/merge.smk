@@ -12,8 +12,12 @@ rule merge:
         f"{LOGS}/merge/{{bucket}}.log",
     wildcard_constraints:
         bucket=r"b\d+",
+    retries: config["retries"]
     conda:
         "../envs/ucpflow.yaml"
+    resources:
+        mem_mb=merge_mem_mb,
+        runtime=merge_runtime,
     script:
         "../scripts/merge.py"
 

@@ -11,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from ucpflow.demo.megatron import launch as megatron_launch  # noqa: E402
 from ucpflow.demo.launch import build_checkpoint  # noqa: E402
 
 
@@ -37,6 +38,22 @@ def deepspeed_checkpoint(checkpoint_cache):
         if not done.exists():
             shutil.rmtree(save_dir, ignore_errors=True)
             build_checkpoint(save_dir, num_procs=num_procs, timeout=900, **options)
+            done.write_text("ok")
+        return save_dir / (save_dir / "latest").read_text().strip()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def megatron_checkpoint(checkpoint_cache):
+    """build(name, tp=, pp=, dp=, **options) -> tag folder of a Megatron-DeepSpeed-shaped GPT checkpoint."""
+
+    def build(name, *, tp, pp, dp, **options):
+        save_dir = checkpoint_cache / f"megatron-{name}"
+        done = save_dir / ".complete"
+        if not done.exists():
+            shutil.rmtree(save_dir, ignore_errors=True)
+            megatron_launch.build_checkpoint(save_dir, tp=tp, pp=pp, dp=dp, timeout=900, **options)
             done.write_text("ok")
         return save_dir / (save_dir / "latest").read_text().strip()
 

@@ -160,6 +160,23 @@ def _parallel_degrees(folder, files, model_meta, zero_count):
     return 1, len(model_meta)
 
 
+def _check_layer_files(folder, layer_files, tp, model_meta):
+    """Every pipeline layer that holds parameters must have one layer file per tensor-parallel rank."""
+    present = {os.path.basename(f) for f in layer_files}
+    layers = {int(re.fullmatch(LAYER_FILE_PATTERN, name).group(1)) for name in present}
+    for _, meta in model_meta:
+        for group in meta.get(C.PARAM_SHAPES) or []:
+            layers.update(int(name.split(".", 1)[0]) for name in group if name.split(".", 1)[0].isdigit())
+    for layer in sorted(layers):
+        for rank in range(tp):
+            name = f"{C.LAYER_FILE_PREFIX}{layer:02d}-model_{rank:02d}-model_states.pt"
+            if name not in present:
+                raise CheckpointError(
+                    f"{os.path.join(folder, name)} is missing: pipeline layer {layer} needs a layer file "
+                    f"for each of the {tp} tensor-parallel ranks."
+                )
+
+
 def _expected_rank_name(prefix, dp, mp):
     return f"{prefix}{dp}_{C.MODEL_FILE_PREFIX}{mp:02d}{C.OPTIM_FILE_SUFFIX}"
 
@@ -205,6 +222,8 @@ def _discover_stage12(folder, stage):
     if not zero_files:
         raise CheckpointError(f"{folder} has no ZeRO optimizer files (*zero_pp_rank_*{C.OPTIM_FILE_SUFFIX}).")
     pp, tp = _parallel_degrees(folder, files, model_meta, len(zero_files))
+    if layer_files:
+        _check_layer_files(folder, layer_files, tp, model_meta)
     first_meta = model_meta[0][1]
     recorded_dp = first_meta.get("dp_world_size")
     dp = int(recorded_dp) if recorded_dp else max(1, len(zero_files) // (pp * tp))
