@@ -18,6 +18,7 @@ include: "rules/index.smk"
 include: "rules/extract.smk"
 include: "rules/merge.smk"
 include: "rules/finalize.smk"
+include: "rules/inspect.smk"
 
 
 rule all:
@@ -26,3 +27,6 @@ rule all:
         # Every parameter's files too, so that a deleted parameter folder is converted again.
         universal_outputs,
         SETTINGS.latest_universal,
+        # For `snakemake --report`: the checkpoint tables and the bytes-per-parameter plot.
+        rules.inspect.output.summary,
+        rules.inspect.output.plot,

@@ -30,6 +30,8 @@ OUT = SETTINGS.output_folder
 WORK = SETTINGS.work_folder
 INDEX = f"{WORK}/index"
 LOGS = f"{WORK}/logs"
+BENCHMARKS = f"{WORK}/benchmarks"
+INSPECT = os.path.normpath(config["inspect_folder"] or f"{WORK}/inspect")
 
 
 def staging_output(path):

@@ -4,6 +4,8 @@ rule demo_checkpoint:
         latest=f"{SETTINGS.demo_folder}/latest",
     log:
         f"{LOGS}/demo_checkpoint.log",
+    benchmark:
+        f"{BENCHMARKS}/demo_checkpoint.tsv"
     conda:
         "../envs/ucpflow.yaml"
     threads: config["demo"]["num_procs"]

@@ -7,6 +7,8 @@ rule extract:
         f"{WORK}/extract/{{source}}.tsv",
     log:
         f"{LOGS}/extract/{{source}}.log",
+    benchmark:
+        f"{BENCHMARKS}/extract/{{source}}.tsv"
     wildcard_constraints:
         source=r"[^/]+",
     retries: config["retries"]

@@ -6,6 +6,8 @@ rule optimizer_state:
         f"{OUT}/zero/optimizer_state.pt",
     log:
         f"{LOGS}/optimizer_state.log",
+    benchmark:
+        f"{BENCHMARKS}/optimizer_state.tsv"
     conda:
         "../envs/ucpflow.yaml"
     script:
@@ -21,6 +23,8 @@ rule copy_model_state:
         f"{OUT}/{{model_file}}",
     log:
         f"{LOGS}/copy/{{model_file}}.log",
+    benchmark:
+        f"{BENCHMARKS}/copy/{{model_file}}.tsv"
     wildcard_constraints:
         model_file=r"[^/]+_model_states\.pt",
     conda:
@@ -39,6 +43,8 @@ rule finalize:
         SETTINGS.latest_universal,
     log:
         f"{LOGS}/finalize.log",
+    benchmark:
+        f"{BENCHMARKS}/finalize.tsv"
     conda:
         "../envs/ucpflow.yaml"
     params:

@@ -9,6 +9,8 @@ checkpoint index:
         info=f"{INDEX}/universal_info.pkl",
     log:
         f"{LOGS}/index.log",
+    benchmark:
+        f"{BENCHMARKS}/index.tsv"
     conda:
         "../envs/ucpflow.yaml"
     params:

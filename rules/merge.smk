@@ -10,6 +10,8 @@ rule merge:
         staging_output(f"{OUT}/tmp/{{bucket}}"),
     log:
         f"{LOGS}/merge/{{bucket}}.log",
+    benchmark:
+        f"{BENCHMARKS}/merge/{{bucket}}.tsv"
     wildcard_constraints:
         bucket=r"b\d+",
     retries: config["retries"]

@@ -1,0 +1,298 @@
+"""Inspecting checkpoints from metadata alone: a folder's files, parameters, degrees and training args,
+what would block its conversion, and the key tree of a single .pt file.
+
+    python -m ucpflow.inspect FILE.pt        # key tree of one file, tensors as shape and dtype
+    snakemake --cores 1 inspect              # tables for the configured input_folder (see README)
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from . import dsconst as C
+from . import ptfile
+from .errors import CheckpointError, UcpflowError
+from .layout import LAYER_FILE_PATTERN, ZERO3_RANKS_PATTERN, discover, resolve_tag_folder
+from .patterns import COLUMN_PARALLEL, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, classify
+
+MAX_LIST_ITEMS = 8
+CONCATENATED = (COLUMN_PARALLEL, ROW_PARALLEL, TWO_SUB_PARAMS, SUB_PARAMS)
+
+
+def file_kind(name):
+    if name.endswith(C.OPTIM_FILE_SUFFIX):
+        return "optimizer"
+    if re.fullmatch(LAYER_FILE_PATTERN, name):
+        return "layer"
+    if name.endswith(C.MODEL_FILE_SUFFIX):
+        return "model"
+    return "other"
+
+
+def _ranks_from_name(name):
+    ranks = {"pp": "", "tp": "", "dp": ""}
+    zero = re.search(ZERO3_RANKS_PATTERN, name) or re.search(r"zero_pp_rank_([0-9]+)_mp_rank_([0-9]+)", name)
+    if zero:
+        ranks["dp"], ranks["mp"] = int(zero.group(1)), int(zero.group(2))
+    layer = re.fullmatch(r"layer_(\d+)-model_(\d+)-model_states\.pt", name)
+    if layer:
+        ranks["layer"], ranks["tp"] = int(layer.group(1)), int(layer.group(2))
+    model = re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", name)
+    if model:
+        ranks["mp"] = int(model.group(1))
+    return ranks
+
+
+def files_table(folder, layout=None):
+    rows = []
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file():
+            continue
+        ranks = _ranks_from_name(path.name)
+        mp = ranks.pop("mp", "")
+        if layout is not None and mp != "" and layout.zero_stage <= 2:
+            ranks["pp"], ranks["tp"] = divmod(mp, layout.tp_degree)
+        elif layout is not None and mp != "":
+            ranks["tp"] = mp
+        rows.append(dict(file=path.name, kind=file_kind(path.name), layer=ranks.pop("layer", ""), **ranks,
+                         bytes=path.stat().st_size))
+    return pd.DataFrame(rows, columns=["file", "kind", "layer", "pp", "tp", "dp", "bytes"])
+
+
+def universal_shape(shapes, rule, info):
+    """The merged parameter's shape, from its per-tp-rank shapes and merge rule."""
+    present = [tuple(s) for s in shapes if s is not None]
+    if not present:
+        return ()
+    shape = list(present[0])
+    if rule is not None and rule.kind in CONCATENATED and len(present) > 1:
+        if rule.kind == ROW_PARALLEL:
+            dim = 1
+        elif rule.kind == SUB_PARAMS:
+            dim = _partition_dim(rule.sub_params)
+        else:
+            dim = 0
+        shape[dim] = sum(s[dim] for s in present)
+    if rule is not None and rule.vocabulary and C.ORIGINAL_VOCAB_SIZE in info:
+        shape[0] = info[C.ORIGINAL_VOCAB_SIZE]
+    return tuple(shape)
+
+
+def _partition_dim(entry):
+    return entry["partition_dim"] if isinstance(entry, dict) else entry.partition_dim
+
+
+def _model_dtypes(layout):
+    """{parameter: dtype name} of the saved model weights, from module states or pipeline layer files."""
+    dtypes = {}
+    for path in layout.model_files:
+        for name, tensor in (ptfile.load(path).get("module") or {}).items():
+            dtypes.setdefault(name, tensor.dtype)
+    for path in sorted(Path(layout.folder).glob("layer_*-model_00-model_states.pt")):
+        layer = int(re.fullmatch(r"layer_(\d+)-model_00-model_states\.pt", path.name).group(1))
+        for key, tensor in ptfile.load(path).items():
+            if isinstance(tensor, ptfile.TensorRef):
+                dtypes.setdefault(f"{layer}.{key}", tensor.dtype)
+                dtypes.setdefault(f"tied_modules.embed.{key}", tensor.dtype)
+    return dtypes
+
+
+def parameters_table(layout, info, fragments, params):
+    dtypes = _model_dtypes(layout)
+    first_stage = fragments.groupby("param")["pp"].min().to_dict() if len(fragments) else {}
+    rows = []
+    for row in params.to_dict("records"):
+        rule = classify(info, row["param"]) if row["merge"] else None
+        shapes = json.loads(row["shapes"])
+        shape = universal_shape(shapes, rule, info) if row["format"] != "flat" else tuple(shapes[0])
+        rows.append(dict(
+            param=row["param"],
+            shape="x".join(str(d) for d in shape),
+            dtype=dtypes.get(row["param"], ""),
+            numel=math.prod(shape),
+            pp_stage=first_stage.get(row["param"], ""),
+            tp_merge=(row["merge"] or "model weights only") + (" + vocabulary" if row["vocabulary"] else ""),
+            states=row["states"],
+            bytes=row["bytes"],
+            merge_job=row.get("bucket", ""),
+        ))
+    return pd.DataFrame(rows, columns=PARAMETER_COLUMNS)
+
+
+def _args_table(folder, layout):
+    source = layout.model_files[0] if layout else next(iter(sorted(Path(folder).glob(f"*{C.MODEL_FILE_SUFFIX}"))), None)
+    if source is None:
+        return pd.DataFrame(columns=["arg", "value"])
+    args = ptfile.load(source).get("args")
+    values = vars(args) if hasattr(args, "__dict__") and not isinstance(args, ptfile.Opaque) else {}
+    return pd.DataFrame(sorted((k, repr(v)) for k, v in values.items()), columns=["arg", "value"])
+
+
+def inspect_checkpoint(input_folder, *, strict=True, inject_missing_state=False, job_bytes=4_000_000_000, min_jobs=2):
+    """Everything inspect reports, as (summary dict, {table name: DataFrame}); problems become blockers."""
+    from .index import build_index, universal_info_for
+
+    blockers, tables = [], {}
+    folder = resolve_tag_folder(input_folder)
+    layout = None
+    try:
+        layout = discover(input_folder)
+    except CheckpointError as problem:
+        blockers.append(str(problem))
+    summary = dict(folder=str(folder))
+    if layout is not None:
+        summary.update(
+            zero_stage=layout.zero_stage, pp_degree=layout.pp_degree, tp_degree=layout.tp_degree,
+            dp_degree=layout.dp_degree, rank_files=len(layout.rank_files), global_steps=layout.global_steps,
+        )
+        first = ptfile.load(layout.model_files[0])
+        summary["iteration"] = first.get("iteration", layout.global_steps)
+        summary["ds_version"] = first.get(C.DS_VERSION, "")
+        summary["universal_checkpoint_info"] = layout.universal_info is not None
+        try:
+            universal_info_for(layout, inject_missing_state)
+            _, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
+            from .plan import assign_buckets
+
+            params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
+            tables["parameters"] = parameters_table(layout, info, fragments, params)
+            summary["parameters"] = len(params)
+            summary["universal_bytes"] = int(params["bytes"].sum())
+        except CheckpointError as problem:
+            blockers.append(str(problem))
+    tables.setdefault("parameters", pd.DataFrame(columns=PARAMETER_COLUMNS))
+    tables["files"] = files_table(folder, layout)
+    tables["args"] = _args_table(folder, layout)
+    summary["blockers"] = blockers
+    return summary, tables
+
+
+PARAMETER_COLUMNS = ["param", "shape", "dtype", "numel", "pp_stage", "tp_merge", "states", "bytes", "merge_job"]
+
+
+def plot_parameter_bytes(parameters, path, top=40):
+    """Bar chart of the largest parameters' universal bytes (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_writer
+
+    figure, axes = plt.subplots(figsize=(9, 5))
+    if parameters is None or not len(parameters):
+        axes.text(0.5, 0.5, "no parameters (see the summary)", ha="center", va="center")
+        axes.set_axis_off()
+    else:
+        largest = parameters.sort_values("bytes", ascending=False).head(top)
+        jobs = sorted(largest["merge_job"].unique())
+        colours = [plt.cm.tab10(jobs.index(job) % 10) for job in largest["merge_job"]]
+        axes.barh(largest["param"][::-1], largest["bytes"][::-1] / 2**20, color=colours[::-1])
+        from matplotlib.patches import Patch
+
+        axes.legend(handles=[Patch(color=plt.cm.tab10(i % 10), label=f"merge job {job}") for i, job in enumerate(jobs)],
+                    fontsize=7, loc="lower right")
+        axes.set_xlabel("MiB of universal output")
+        axes.set_title(f"Largest {len(largest)} of {len(parameters)} parameters")
+        axes.tick_params(axis="y", labelsize=6)
+    figure.tight_layout()
+    with atomic_writer(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=110)
+    plt.close(figure)
+
+
+def summary_text(summary):
+    lines = [f"Checkpoint {summary['folder']}"]
+    if "zero_stage" in summary:
+        lines.append(
+            f"  ZeRO stage {summary['zero_stage']}, pp={summary['pp_degree']} tp={summary['tp_degree']} "
+            f"dp={summary['dp_degree']}, {summary['rank_files']} optimizer files, iteration {summary['iteration']}"
+        )
+    if "parameters" in summary:
+        lines.append(f"  {summary['parameters']} parameters, {summary['universal_bytes'] / 2**20:.1f} MiB of universal output")
+    if summary["blockers"]:
+        lines.append("  Conversion is blocked:")
+        lines += [f"    - {problem}" for problem in summary["blockers"]]
+    else:
+        lines.append("  Ready to convert.")
+    return "\n".join(lines)
+
+
+def write_inspection(summary, tables, folder):
+    from .fileio import atomic_writer, write_text
+
+    folder = Path(folder)
+    for name, table in tables.items():
+        with atomic_writer(folder / f"{name}.csv") as handle:
+            table.to_csv(handle, index=False)
+        write_text(folder / f"{name}.md", markdown_table(table))
+    summary_table = pd.DataFrame([(k, json.dumps(v) if isinstance(v, list) else v) for k, v in summary.items()],
+                                 columns=["item", "value"])
+    with atomic_writer(folder / "summary.csv") as handle:
+        summary_table.to_csv(handle, index=False)
+    write_text(folder / "summary.md", summary_text(summary) + "\n")
+
+
+def markdown_table(table):
+    if not len(table):
+        return "(none)\n"
+    header = "| " + " | ".join(str(c) for c in table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def describe(obj, indent="", out=None):
+    """Lines of a .pt file's key tree: containers expanded, tensors as dtype and shape."""
+    out = [] if out is None else out
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(value, (dict, list, tuple)) and value:
+                out.append(f"{indent}{key!s}: {type(value).__name__}[{len(value)}]")
+                describe(value, indent + "  ", out)
+            else:
+                out.append(f"{indent}{key!s}: {_leaf(value)}")
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj[:MAX_LIST_ITEMS]):
+            describe({f"[{index}]": value}, indent, out)
+        if len(obj) > MAX_LIST_ITEMS:
+            out.append(f"{indent}... {len(obj) - MAX_LIST_ITEMS} more")
+    else:
+        out.append(f"{indent}{_leaf(obj)}")
+    return out
+
+
+def _leaf(value):
+    if isinstance(value, ptfile.TensorRef):
+        return f"tensor {value.dtype} {list(value.shape)}"
+    if isinstance(value, ptfile.Opaque):
+        text = repr(value)
+        return text if len(text) <= 120 else text[:117] + "..."
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m ucpflow.inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="a .pt file (key tree) or a checkpoint folder (summary)")
+    args = parser.parse_args(argv)
+    try:
+        if os.path.isdir(args.path):
+            summary, _ = inspect_checkpoint(args.path)
+            print(summary_text(summary))
+            return 1 if summary["blockers"] else 0
+        print("\n".join(describe(ptfile.load(args.path))))
+        return 0
+    except UcpflowError as error:
+        print(f"ucpflow error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
