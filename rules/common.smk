@@ -34,11 +34,6 @@ BENCHMARKS = f"{WORK}/benchmarks"
 INSPECT = os.path.normpath(config["inspect_folder"] or f"{WORK}/inspect")
 
 
-def staging_output(path):
-    """The merge staging folder is removed once published, unless the user keeps temp folders."""
-    return directory(path) if config["keep_temp_folder"] else temp(directory(path))
-
-
 _INDEX_CACHE = {}
 
 
@@ -95,8 +90,8 @@ def bucket_maps(wildcards):
     return [f"{WORK}/extract/{name}.tsv" for name in names]
 
 
-def staged_parameter(wildcards):
-    return f"{OUT}/tmp/{bucket_of_parameter()[wildcards.param]}"
+def merged_bucket(wildcards):
+    return f"{WORK}/merge/{bucket_of_parameter()[wildcards.param]}.done"
 
 
 def model_state_source(wildcards):

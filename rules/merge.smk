@@ -1,5 +1,5 @@
 rule merge:
-    """Merge one bucket of parameters into staged universal files (OUT/tmp/<bucket>/<param>/*.pt)."""
+    """Merge one bucket of parameters and move each parameter's folder into OUT/zero/ with one rename."""
     input:
         layout=rules.index.output.layout,
         fragments=rules.index.output.fragments,
@@ -7,7 +7,8 @@ rule merge:
         info=rules.index.output.info,
         maps=bucket_maps,
     output:
-        staging_output(f"{OUT}/tmp/{{bucket}}"),
+        # Removed once its parameters are declared done, so a deleted parameter folder reruns this job.
+        done=temp(f"{WORK}/merge/{{bucket}}.done"),
     log:
         f"{LOGS}/merge/{{bucket}}.log",
     benchmark:
@@ -20,29 +21,22 @@ rule merge:
     resources:
         mem_mb=merge_mem_mb,
         runtime=merge_runtime,
+    params:
+        output_folder=OUT,
+        staging=lambda wildcards: f"{OUT}/tmp/{wildcards.bucket}",
+        keep_temp_folder=config["keep_temp_folder"],
     script:
         "../scripts/merge.py"
 
 
+# One target per parameter, written by its bucket's merge job: declaring them lets Snakemake see a missing
+# or outdated parameter, while a job per parameter would cost a process each for a rename.
 rule publish:
-    """Move one parameter's staged folder to OUT/zero/<param> in one rename; hard links keep the staged
-    copy until every parameter is published, so an interrupted publish can simply run again.
-    """
+    """Declares OUT/zero/<param>/ (fp32.pt and the other states beside it) as made by its merge job."""
     input:
-        staged_parameter,
+        merged_bucket,
     output:
-        # Each parameter folder holds fp32.pt; its other files (exp_avg, exp_avg_sq, step) arrive with it.
         f"{OUT}/zero/{{param}}/fp32.pt",
-    log:
-        f"{LOGS}/publish/{{param}}.log",
     wildcard_constraints:
         param=r"[^/]+",
     localrule: True
-    conda:
-        "../envs/ucpflow.yaml"
-    params:
-        folder=lambda wildcards, output: os.path.dirname(output[0]),
-        link=lambda wildcards, input: f"{input[0]}/.{wildcards.param}.publish",
-    shell:
-        "(rm -rf {params.link:q} && cp -al {input:q}/{wildcards.param:q} {params.link:q}"
-        " && rm -rf {params.folder:q} && mv -T {params.link:q} {params.folder:q}) > {log:q} 2>&1"

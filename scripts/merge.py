@@ -1,4 +1,4 @@
-"""Rule `merge`: merge one bucket of parameters into their universal files, staged for publishing."""
+"""Rule `merge`: merge one bucket of parameters into their universal files and move them into place."""
 
 from ucpflow.jobs import merge_job
 from ucpflow.smk import run
@@ -12,7 +12,10 @@ def main():
         snakemake.input.params,
         snakemake.input.info,
         list(snakemake.input.maps),
-        snakemake.output[0],
+        snakemake.params.staging,
+        snakemake.params.output_folder,
+        snakemake.output.done,
+        keep_staging=snakemake.params.keep_temp_folder,
     )
 
 

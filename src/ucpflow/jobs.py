@@ -1,6 +1,8 @@
 """What each workflow rule does, as plain functions of paths and parameters (the scripts in scripts/
 only unpack `snakemake` and call these), so every step can be tested and reused without Snakemake."""
 
+import collections
+import csv
 import json
 import os
 import pickle
@@ -10,7 +12,7 @@ from pathlib import Path
 from . import dsconst as C
 from .errors import CheckpointError
 from .extract import KIND_MODEL, KIND_ZERO3, KIND_ZERO12
-from .fileio import atomic_directory, atomic_writer, copy_file, write_text
+from .fileio import atomic_directory, atomic_writer, copy_file, remove_leftovers, write_text
 
 STAGING = "tmp"
 ZERO = "zero"
@@ -91,10 +93,10 @@ def extract_job(source_path, kind, output):
     write_extraction(source_path, kind, output)
 
 
-def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_paths, staging):
-    """Merge every parameter of one bucket into `staging/<param>/`, which appears only when all are done."""
-    import pandas as pd
-
+def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_paths, staging, output_folder, done,
+              keep_staging=False):
+    """Merge one bucket's parameters into `staging` (which appears only once all are merged), then move each
+    parameter folder into OUT/zero/ with one rename, and write `done` listing them."""
     from .extract import read_extraction
     from .merge import FragmentReader, merge_parameter
     from .patterns import classify
@@ -102,16 +104,18 @@ def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_p
     layout = load_layout(layout_path)
     with open(info_path, "rb") as handle:
         info = pickle.load(handle)
-    params = pd.read_csv(params_path, sep="\t", keep_default_na=False)
-    params = params[params["bucket"] == bucket]
-    fragments = pd.read_csv(fragments_path, sep="\t", keep_default_na=False)
-    fragments = fragments[fragments["param"].isin(set(params["param"]))]
-    by_param = {name: list(group.itertuples(index=False)) for name, group in fragments.groupby("param", sort=False)}
+    params = [row for row in read_table(params_path) if row["bucket"] == bucket]
+    names = {row["param"] for row in params}
+    by_param = {}
+    for fragment in read_fragments(fragments_path):
+        if fragment.param in names:
+            by_param.setdefault(fragment.param, []).append(fragment)
     maps = {layout["sources"][source_name_of(p)]["path"]: read_extraction(p) for p in map_paths}
+    remove_partial_folders(staging)
     reader = FragmentReader(maps)
     try:
         with atomic_directory(staging) as folder:
-            for row in params.to_dict("records"):
+            for row in params:
                 rule = classify(info, row["param"]) if row["merge"] else None
                 merge_parameter(
                     reader, row, by_param.get(row["param"], []), rule, info, layout["tp_degree"],
@@ -119,6 +123,52 @@ def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_p
                 )
     finally:
         reader.close()
+    names = [row["param"] for row in params]
+    publish_parameters(staging, Path(output_folder) / ZERO, names, keep_staging=keep_staging)
+    write_text(done, "\n".join(names) + "\n")
+
+
+def read_table(path):
+    """Rows of a TSV index table as dicts of strings (merge jobs read them without importing pandas)."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+Fragment = collections.namedtuple("Fragment", "param state tp pp dp file tensor offset numel")
+
+
+def read_fragments(path):
+    with open(path, newline="") as handle:
+        rows = csv.reader(handle, delimiter="\t")
+        if next(rows) != list(Fragment._fields):
+            raise CheckpointError(f"{path} is not a fragment table written by this version of ucpflow.")
+        for param, state, tp, pp, dp, file, tensor, offset, numel in rows:
+            yield Fragment(param, state, int(tp), int(pp), int(dp), file, tensor, int(offset), int(numel))
+
+
+def remove_partial_folders(final):
+    """Leftovers of an interrupted atomic_directory(final): `.<name>.*.partial` beside it."""
+    final = Path(final)
+    for leftover in final.parent.glob(f".{final.name}.*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def publish_parameters(staging, zero_folder, names, keep_staging=False):
+    """Move staging/<name>/ to zero_folder/<name>/, each in one rename; with `keep_staging`, publish
+    hard-linked copies and leave the staging folder in place."""
+    zero_folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        source, target = Path(staging) / name, zero_folder / name
+        if keep_staging:
+            linked = zero_folder / f".{name}.publishing"
+            shutil.rmtree(linked, ignore_errors=True)
+            shutil.copytree(source, linked, copy_function=os.link)
+            source = linked
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(source, target)
+    if not keep_staging:
+        shutil.rmtree(staging)
 
 
 def source_name_of(map_path):
@@ -144,6 +194,7 @@ def optimizer_state_job(layout_path, output):
         if state.get(C.PARTITION_COUNT):
             state[C.PARTITION_COUNT] = [layout["dp_degree"]] * len(state[C.PARTITION_COUNT])
         state[C.PARAM_GROUPS] = optim[C.BASE_OPTIMIZER_STATE][C.PARAM_GROUPS]
+    remove_leftovers(output)
     ptfile.save(state, output)
 
 
@@ -152,9 +203,9 @@ def copy_model_state_job(source, output):
 
 
 def finalize_job(output_folder, latest_path, keep_temp_folder):
-    """Write `latest_universal` last, once every other output exists; drop the emptied staging folder."""
+    """Write `latest_universal` last, once every other output exists; drop the staging folder."""
     staging = Path(output_folder) / STAGING
-    if staging.is_dir() and not keep_temp_folder and not any(staging.iterdir()):
+    if staging.is_dir() and not keep_temp_folder:
         shutil.rmtree(staging)
     write_text(latest_path, Path(os.path.normpath(output_folder)).name)
 

@@ -1042,8 +1042,94 @@ class _ParameterData:
         self.tensor = tensor
 
 
+class _NotPlain(Exception):
+    """The object holds something the fast pickler does not write (left to _Pickler)."""
+
+
+class _PlainPickler:
+    """Protocol-2 opcodes for the common case of merge outputs: containers of str/int/float/bool/None
+    and ArrayTensors. The pure-Python pickler costs about half a millisecond per small file; this
+    writes the same objects (as torch.load reads them) in a few microseconds."""
+
+    def __init__(self):
+        self.out = bytearray(b"\x80\x02")
+        self.storages = []
+
+    def dump(self, obj):
+        self.save(obj)
+        self.out += b"."
+        return bytes(self.out), self.storages
+
+    def save(self, obj):
+        out = self.out
+        kind = type(obj)
+        if obj is None:
+            out += b"N"
+        elif kind is bool:
+            out += b"\x88" if obj else b"\x89"
+        elif kind is int:
+            if 0 <= obj < 256:
+                out += b"K" + bytes((obj,))
+            elif 0 <= obj < 65536:
+                out += b"M" + struct.pack("<H", obj)
+            elif -(2**31) <= obj < 2**31:
+                out += b"J" + struct.pack("<i", obj)
+            else:
+                raise _NotPlain()
+        elif kind is float:
+            out += b"G" + struct.pack(">d", obj)
+        elif kind is str:
+            encoded = obj.encode("utf-8", "surrogatepass")
+            out += b"X" + struct.pack("<I", len(encoded)) + encoded
+        elif kind is dict:
+            out += b"}"
+            if obj:
+                out += b"("
+                for key, value in obj.items():
+                    self.save(key)
+                    self.save(value)
+                out += b"u"
+        elif kind is list:
+            out += b"]"
+            if obj:
+                out += b"("
+                for item in obj:
+                    self.save(item)
+                out += b"e"
+        elif kind is tuple:
+            out += b"("
+            for item in obj:
+                self.save(item)
+            out += b"t"
+        elif kind is ArrayTensor and _DTYPES[obj.dtype][2] is not None:
+            self.save_tensor(obj)
+        else:
+            raise _NotPlain()
+
+    def save_tensor(self, tensor):
+        itemsize, _, storage_class = _DTYPES[tensor.dtype]
+        storage = _NewStorage(str(len(self.storages)), tensor.dtype, tensor)
+        self.storages.append(storage)
+        shape = tuple(tensor.shape)
+        self.out += b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        self.save("storage")
+        self.out += f"ctorch\n{storage_class}\n".encode()
+        self.save(storage.key)
+        self.save("cpu")
+        self.save(storage.nbytes // itemsize)
+        self.out += b"tQK\x00"
+        self.save(shape)
+        self.save(_contiguous_strides(shape))
+        self.out += b"\x89ccollections\nOrderedDict\n)RtR"
+
+
 def _pickle_checkpoint(obj, protocol=2):
     """data.pkl bytes and the storages they refer to; protocol 2 like torch unless obj needs 4."""
+    if protocol == 2:
+        try:
+            return _PlainPickler().dump(obj)
+        except _NotPlain:
+            pass
     buffer = io.BytesIO()
     pickler = _Pickler(buffer, protocol)
     try:
