@@ -11,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from ucpflow.demo.autotp import launch as autotp_launch  # noqa: E402
 from ucpflow.demo.megatron import launch as megatron_launch  # noqa: E402
 from ucpflow.demo.launch import build_checkpoint  # noqa: E402
 
@@ -54,6 +55,22 @@ def megatron_checkpoint(checkpoint_cache):
         if not done.exists():
             shutil.rmtree(save_dir, ignore_errors=True)
             megatron_launch.build_checkpoint(save_dir, tp=tp, pp=pp, dp=dp, timeout=900, **options)
+            done.write_text("ok")
+        return save_dir / (save_dir / "latest").read_text().strip()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def autotp_checkpoint(checkpoint_cache):
+    """build(name, tp=, dp=, zero_stage=, **options) -> tag folder of a tiny HF model's AutoTP x ZeRO checkpoint."""
+
+    def build(name, *, tp, dp, zero_stage, **options):
+        save_dir = checkpoint_cache / f"autotp-{name}"
+        done = save_dir / ".complete"
+        if not done.exists():
+            shutil.rmtree(save_dir, ignore_errors=True)
+            autotp_launch.build_checkpoint(save_dir, tp=tp, dp=dp, zero_stage=zero_stage, timeout=900, **options)
             done.write_text("ok")
         return save_dir / (save_dir / "latest").read_text().strip()
 
