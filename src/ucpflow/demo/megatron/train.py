@@ -150,7 +150,11 @@ def megatron_args(args) -> argparse.Namespace:
         make_vocab_size_divisible_by=config.make_vocab_size_divisible_by, swiglu=config.swiglu,
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp, data_parallel_size=args.dp,
         bf16=args.dtype == "bf16", fp16=False, untie_embeddings_and_output_weights=False,
-        add_position_embedding=True, normalization="layernorm", add_bias_linear=True)
+        add_position_embedding=True, normalization="layernorm", add_bias_linear=True,
+        # The model's activation, norm and dropout, so exporters need not rely on Megatron's defaults.
+        bias_gelu_fusion=True, openai_gelu=False, onnx_safe=False, layernorm_epsilon=1e-5,
+        apply_residual_connection_post_layernorm=False, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=0.02, position_embedding_type="learned_absolute")
 
 
 def train(args):

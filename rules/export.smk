@@ -1,0 +1,141 @@
+# Exports of the universal checkpoint: `snakemake megatron` (a Megatron-LM checkpoint at target_tp x
+# target_pp) and `snakemake hf` (a transformers GPT-2 model folder). A plan checkpoint decides what each
+# output file holds; one job writes each file; a finalize job writes the file that marks completion.
+
+
+include: "export_common.smk"
+
+
+checkpoint export_megatron_plan:
+    """Decide every rank file's tensors and splits; check the target degrees against the model."""
+    input:
+        params=rules.index.output.params,
+        universal=universal_outputs,
+        model_state=universal_model_state,
+    output:
+        f"{EXPORT}/megatron_plan.json",
+    log:
+        f"{LOGS}/export/megatron_plan.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        universal_folder=OUT,
+        megatron_folder=MEGATRON_FOLDER,
+        target_tp=config["target_tp"],
+        target_pp=config["target_pp"],
+    script:
+        "../scripts/export_megatron_plan.py"
+
+
+rule export_megatron_shard:
+    """Write one (tp, pp) rank's model_optim_rng.pt from the universal fp32 weights."""
+    input:
+        plan=rules.export_megatron_plan.output[0],
+        weights=megatron_shard_weights,
+    output:
+        f"{MEGATRON_FOLDER}/iter_{{iteration}}/{{rank}}/model_optim_rng.pt",
+    log:
+        f"{LOGS}/export/megatron/iter_{{iteration}}/{{rank}}.log",
+    wildcard_constraints:
+        iteration=r"\d{7}",
+        rank=r"mp_rank_\d{2}(_\d{3})?",
+    conda:
+        "../envs/ucpflow.yaml"
+    script:
+        "../scripts/export_megatron_shard.py"
+
+
+rule export_megatron_finalize:
+    """Write latest_checkpointed_iteration.txt last: Megatron then finds a complete checkpoint."""
+    input:
+        plan=rules.export_megatron_plan.output[0],
+        shards=megatron_shards,
+    output:
+        f"{MEGATRON_FOLDER}/latest_checkpointed_iteration.txt",
+    log:
+        f"{LOGS}/export/megatron_finalize.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    script:
+        "../scripts/export_megatron_finalize.py"
+
+
+rule megatron:
+    """Target: the Megatron-LM checkpoint in megatron_folder."""
+    input:
+        rules.export_megatron_finalize.output[0],
+    localrule: True
+
+
+checkpoint export_hf_plan:
+    """Decide the GPT-2 config, tensor names and safetensors files; check the model is GPT-2-style."""
+    input:
+        params=rules.index.output.params,
+        universal=universal_outputs,
+        model_state=universal_model_state,
+    output:
+        f"{EXPORT}/hf_plan.json",
+    log:
+        f"{LOGS}/export/hf_plan.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        universal_folder=OUT,
+        hf_folder=HF_FOLDER,
+        max_shard_size=config["hf_max_shard_size"],
+    script:
+        "../scripts/export_hf_plan.py"
+
+
+rule export_hf_shard:
+    """Write one safetensors file of the transformers model."""
+    input:
+        plan=rules.export_hf_plan.output[0],
+        weights=hf_shard_weights,
+    output:
+        f"{HF_FOLDER}/{{stem}}.safetensors",
+    log:
+        f"{LOGS}/export/hf/{{stem}}.log",
+    wildcard_constraints:
+        stem=r"model(-\d{5}-of-\d{5})?",
+    conda:
+        "../envs/ucpflow.yaml"
+    script:
+        "../scripts/export_hf_shard.py"
+
+
+rule export_hf_index:
+    """model.safetensors.index.json, when the weights take more than one file."""
+    input:
+        plan=rules.export_hf_plan.output[0],
+    output:
+        f"{HF_FOLDER}/model.safetensors.index.json",
+    log:
+        f"{LOGS}/export/hf_index.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    script:
+        "../scripts/export_hf_index.py"
+
+
+rule export_hf_finalize:
+    """Write generation_config.json and, last, config.json: transformers then finds a complete model."""
+    input:
+        plan=rules.export_hf_plan.output[0],
+        files=hf_files,
+    output:
+        generation_config=f"{HF_FOLDER}/generation_config.json",
+        config=f"{HF_FOLDER}/config.json",
+    log:
+        f"{LOGS}/export/hf_finalize.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    script:
+        "../scripts/export_hf_finalize.py"
+
+
+rule hf:
+    """Target: the transformers model folder in hf_folder."""
+    input:
+        rules.export_hf_finalize.output.config,
+    localrule: True

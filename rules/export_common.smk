@@ -1,0 +1,58 @@
+# Paths and input functions of the export rules (rules/export.smk).
+
+EXPORT = f"{WORK}/export"
+MEGATRON_FOLDER = os.path.normpath(
+    config["megatron_folder"] or os.path.join(os.path.dirname(OUT), "megatron")
+)
+HF_FOLDER = os.path.normpath(
+    config["hf_folder"] or os.path.join(os.path.dirname(OUT), "hf")
+)
+
+
+def universal_model_state(wildcards):
+    """The copied model-states file that holds Megatron's args, iteration and checkpoint version."""
+    return f"{OUT}/{os.path.basename(indexed_layout()['copy_files'][0])}"
+
+
+def megatron_plan():
+    return _read_index_file(
+        checkpoints.export_megatron_plan.get().output[0], _read_json
+    )
+
+
+def hf_plan():
+    return _read_index_file(checkpoints.export_hf_plan.get().output[0], _read_json)
+
+
+def universal_weights(params):
+    return [f"{OUT}/zero/{param}/fp32.pt" for param in dict.fromkeys(params)]
+
+
+def megatron_shard_weights(wildcards):
+    # A rank of an outdated plan asks for nothing: the DAG drops it once the plan is rewritten.
+    plan = megatron_plan()
+    if wildcards.rank not in plan["ranks"]:
+        return []
+    stage = plan["ranks"][wildcards.rank][1]
+    return universal_weights(entry["param"] for entry in plan["stages"][stage])
+
+
+def megatron_shards(wildcards):
+    plan = megatron_plan()
+    return [
+        f"{MEGATRON_FOLDER}/{plan['iteration_folder']}/{rank}/model_optim_rng.pt"
+        for rank in plan["ranks"]
+    ]
+
+
+def hf_shard_weights(wildcards):
+    plan = hf_plan()
+    names = plan["shards"].get(wildcards.stem, [])
+    return universal_weights(plan["tensors"][name]["param"] for name in names)
+
+
+def hf_files(wildcards):
+    plan = hf_plan()
+    shards = [f"{HF_FOLDER}/{stem}.safetensors" for stem in plan["shards"]]
+    index = [rules.export_hf_index.output[0]] if plan["index"] else []
+    return shards + index

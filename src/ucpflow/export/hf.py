@@ -1,0 +1,284 @@
+"""Export of a GPT-2-style Megatron model to a transformers model folder.
+
+    config.json                      GPT2Config with the model's sizes and activation; written last
+    generation_config.json
+    model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+
+Tensors are named, ordered and sharded as transformers 5 saves a GPT2LMHeadModel: Conv1D weights are the
+transposed Megatron weights, the fused QKV rows are reordered to [Q; K; V], the vocabulary padding is
+dropped and the LM head is left to be tied to the word embeddings.
+"""
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from ..errors import UcpflowError
+from ..fileio import write_text
+from . import tensors as T
+from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, read_full
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SINGLE_FILE_STEM = "model"
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ITEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+GPT2_EOS_TOKEN = 50256
+
+COPY = "copy"
+TRANSPOSE = "transpose"  # Megatron's Linear (out, in) -> transformers' Conv1D (in, out)
+QKV = "qkv"  # [Q; K; V] rows, then transposed when it is the weight
+
+# GPT-2 block tensors and their Megatron layer weights.
+GPT2_LAYER = (
+    ("ln_1.weight", "input_layernorm.weight", COPY),
+    ("ln_1.bias", "input_layernorm.bias", COPY),
+    ("attn.c_attn.weight", "self_attention.query_key_value.weight", QKV),
+    ("attn.c_attn.bias", "self_attention.query_key_value.bias", QKV),
+    ("attn.c_proj.weight", "self_attention.dense.weight", TRANSPOSE),
+    ("attn.c_proj.bias", "self_attention.dense.bias", COPY),
+    ("ln_2.weight", "post_attention_layernorm.weight", COPY),
+    ("ln_2.bias", "post_attention_layernorm.bias", COPY),
+    ("mlp.c_fc.weight", "mlp.dense_h_to_4h.weight", TRANSPOSE),
+    ("mlp.c_fc.bias", "mlp.dense_h_to_4h.bias", COPY),
+    ("mlp.c_proj.weight", "mlp.dense_4h_to_h.weight", TRANSPOSE),
+    ("mlp.c_proj.bias", "mlp.dense_4h_to_h.bias", COPY),
+)
+
+
+def parse_size(size):
+    """Bytes of a size given as an integer or as transformers spells it ("5GB", "200MB": powers of 1000)."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip()
+    unit = text[-2:].upper()
+    try:
+        return int(float(text[:-2]) * SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise UcpflowError(f"Config key `hf_max_shard_size`: {size!r} is not a byte count or a size such as 5GB.") \
+            from None
+
+
+def gpt2_activation(args):
+    """transformers' name for the MLP activation Megatron uses with these args (Megatron's defaults when unset)."""
+    if getattr(args, "openai_gelu", False):
+        return "gelu_new"
+    if getattr(args, "onnx_safe", False):
+        return "gelu"
+    # Megatron's fused bias-GeLU (on unless --no-bias-gelu-fusion or no linear biases) is the tanh approximation.
+    if getattr(args, "bias_gelu_fusion", True) and getattr(args, "add_bias_linear", True):
+        return "gelu_pytorch_tanh"
+    return "gelu"
+
+
+def check_gpt2(source):
+    """One sentence naming the first thing a GPT-2 model cannot express."""
+    args = source.args
+    problems = [
+        (source.arg("swiglu") or getattr(args, "squared_relu", False), "a gated (SwiGLU) or squared-ReLU MLP"),
+        (source.kv_heads != source.heads, f"grouped-query attention ({source.kv_heads} key/value heads)"),
+        (getattr(args, "normalization", "layernorm") != "layernorm", f"{getattr(args, 'normalization', '')} norms"),
+        (not getattr(args, "add_bias_linear", True), "linear layers without biases"),
+        (not getattr(args, "add_position_embedding", True)
+         or getattr(args, "position_embedding_type", "learned_absolute") != "learned_absolute",
+         "no learned absolute position embeddings"),
+        (source.arg("untie_embeddings_and_output_weights"), "an output layer separate from the word embeddings"),
+        (getattr(args, "apply_residual_connection_post_layernorm", False), "residuals taken after the layernorm"),
+    ]
+    for present, what in problems:
+        if present:
+            raise UcpflowError(f"The model has {what}, which a transformers GPT-2 model cannot hold; "
+                               "the hf export supports GPT-2-style Megatron models only.")
+    known = {megatron for _, megatron, _ in GPT2_LAYER}
+    for weight in source.weights:
+        if weight.role == LAYER and weight.name not in known:
+            raise UcpflowError(f"Parameter {weight.param} ({weight.name}) has no counterpart in a GPT-2 block.")
+
+
+def save_order(name):
+    """transformers 5 saves a model's tensors sorted by name part by part, numbers numerically."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+
+def gpt2_tensors(source):
+    """{transformers name: (Weight, transform)} in GPT2LMHeadModel's state_dict order, without the tied lm_head."""
+    tensors = {
+        "transformer.wte.weight": (source.weight(WORD_EMBEDDINGS), COPY),
+        "transformer.wpe.weight": (source.weight(POSITION_EMBEDDINGS), COPY),
+    }
+    for layer in range(source.num_layers):
+        for name, megatron, transform in GPT2_LAYER:
+            tensors[f"transformer.h.{layer}.{name}"] = (source.weight(LAYER, megatron, layer), transform)
+    for name in ("weight", "bias"):
+        tensors[f"transformer.ln_f.{name}"] = (source.weight(FINAL_NORM, name), COPY)
+    return tensors
+
+
+def gpt2_config(source):
+    """config.json: every GPT2Config field spelled out, so transformers' defaults cannot change the model."""
+    args = source.args
+    vocab = source.vocab
+    eos = GPT2_EOS_TOKEN if getattr(args, "tokenizer_type", None) == "GPT2BPETokenizer" and vocab > GPT2_EOS_TOKEN \
+        else None
+    hidden_dropout = float(getattr(args, "hidden_dropout", 0.1))
+    return {
+        "activation_function": gpt2_activation(args),
+        "add_cross_attention": False,
+        "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": float(getattr(args, "attention_dropout", 0.1)),
+        "bos_token_id": eos,
+        "dtype": TORCH_DTYPES[source.dtype],
+        "embd_pdrop": hidden_dropout,
+        "eos_token_id": eos,
+        "initializer_range": float(getattr(args, "init_method_std", 0.02)),
+        "layer_norm_epsilon": float(getattr(args, "layernorm_epsilon", 1e-5)),
+        "model_type": "gpt2",
+        "n_embd": source.hidden,
+        "n_head": source.heads,
+        "n_inner": source.weight(LAYER, "mlp.dense_h_to_4h.weight", 0).shape[0],
+        "n_layer": source.num_layers,
+        "n_positions": source.weight(POSITION_EMBEDDINGS).shape[0],
+        "pad_token_id": None,
+        "reorder_and_upcast_attn": False,
+        "resid_pdrop": hidden_dropout,
+        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": True,
+        "summary_activation": None,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True,
+        "summary_type": "cls_index",
+        "summary_use_proj": True,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+
+
+def generation_config(config):
+    tokens = {key: config[key] for key in ("bos_token_id", "eos_token_id") if config[key] is not None}
+    return {"_from_model_config": True, **tokens, "use_cache": True}
+
+
+def split_into_shards(sizes, max_bytes):
+    """Lists of tensor names, one per file, as huggingface_hub's split_torch_state_dict_into_shards makes
+    them: in order, a new file when the next tensor would overflow, and a tensor larger than the limit
+    in a file of its own, listed before the file being filled."""
+    shards, current, current_bytes = [], [], 0
+    for name, size in sizes.items():
+        if size > max_bytes:
+            shards.append([name])
+            continue
+        if current and current_bytes + size > max_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_stems(count):
+    if count == 1:
+        return [SINGLE_FILE_STEM]
+    return [f"{SINGLE_FILE_STEM}-{i + 1:05d}-of-{count:05d}" for i in range(count)]
+
+
+def hf_plan(source, universal_folder, max_shard_size):
+    check_gpt2(source)
+    tensors = dict(sorted(gpt2_tensors(source).items(), key=lambda item: save_order(item[0])))
+    numel = {name: math.prod(weight.shape) for name, (weight, _) in tensors.items()}
+    sizes = {name: count * ITEM_BYTES[source.dtype] for name, count in numel.items()}
+    file_tensors = split_into_shards(sizes, parse_size(max_shard_size))
+    shards = dict(zip(shard_stems(len(file_tensors)), file_tensors))
+    index = None
+    if len(shards) > 1:
+        weight_map = {name: f"{stem}.safetensors" for stem, names in shards.items() for name in names}
+        index = {"metadata": {"total_parameters": sum(numel.values()), "total_size": sum(sizes.values())},
+                 "weight_map": weight_map}
+    config = gpt2_config(source)
+    return {
+        "dtype": source.dtype,
+        "heads": source.heads,
+        "kv_heads": source.kv_heads,
+        "head_dim": source.head_dim,
+        "universal_folder": str(universal_folder),
+        "tensors": {name: {"param": weight.param, "shape": list(weight.shape), "transform": transform,
+                           "qkv_order": source.qkv_order(weight) if transform == QKV else None}
+                    for name, (weight, transform) in tensors.items()},
+        "shards": shards,
+        "index": index,
+        "config": config,
+        "generation_config": generation_config(config),
+    }
+
+
+def check_hf_folder(folder, plan):
+    """Refuse weight files of another export, which transformers could load instead of these."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    planned = {f"{stem}.safetensors" for stem in plan["shards"]} | ({INDEX_FILE} if plan["index"] else set())
+    stale = sorted(p.name for p in folder.iterdir() if WEIGHT_FILE.fullmatch(p.name) and p.name not in planned)
+    if stale:
+        raise UcpflowError(f"{folder} already holds {', '.join(stale[:3])} from another export; remove it or "
+                           "choose another hf_folder.")
+
+
+def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_shard_size, output):
+    from .source import load_source
+
+    source = load_source(params_path, universal_folder, model_state_path)
+    plan = hf_plan(source, universal_folder, max_shard_size)
+    check_hf_folder(hf_folder, plan)
+    write_text(output, json.dumps(plan, indent=1))
+    print(f"GPT-2 model: {source.num_layers} layers, hidden {source.hidden}, vocabulary {source.vocab}, "
+          f"{plan['config']['activation_function']}, {plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
+
+
+def load_plan(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def gpt2_array(plan, spec):
+    """A transformers tensor as a float32 numpy array."""
+    full = read_full(plan["universal_folder"], spec["param"], spec["shape"])
+    if spec["transform"] == QKV:
+        if spec["qkv_order"] == T.QKV_PER_GROUP:
+            full = T.qkv_per_group_to_blocks(full, plan["heads"], plan["kv_heads"], plan["head_dim"])
+        return full.T if full.ndim == 2 else full
+    return full.T if spec["transform"] == TRANSPOSE else full
+
+
+def hf_shard_job(plan_path, stem, output):
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    plan = load_plan(plan_path)
+    if stem not in plan["shards"]:
+        raise UcpflowError(f"{stem}.safetensors is not a file of the planned export ({', '.join(plan['shards'])}).")
+    dtype = getattr(torch, TORCH_DTYPES[plan["dtype"]])
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(gpt2_array(plan, plan["tensors"][name]))).to(dtype)
+               for name in plan["shards"][stem]}
+    partial = Path(output).with_name(f".{Path(output).name}.partial")
+    save_file(tensors, partial, metadata={"format": "pt"})
+    os.replace(partial, output)
+    print(f"{output}: {len(tensors)} tensors")
+
+
+def hf_index_job(plan_path, output):
+    write_text(output, json.dumps(load_plan(plan_path)["index"], indent=2, sort_keys=True) + "\n")
+
+
+def hf_finalize_job(plan_path, generation_config_output, config_output):
+    """generation_config.json, then config.json last: transformers finds a model only once it is complete."""
+    plan = load_plan(plan_path)
+    write_text(generation_config_output, json.dumps(plan["generation_config"], indent=2, sort_keys=True) + "\n")
+    write_text(config_output, json.dumps(plan["config"], indent=2, sort_keys=True) + "\n")
