@@ -29,52 +29,37 @@ def checkpoint_cache(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="session")
-def deepspeed_checkpoint(checkpoint_cache):
-    """build(name, num_procs=2, **train_options) -> tag folder of a checkpoint DeepSpeed trained and saved."""
+def cached_builder(cache, prefix, build_checkpoint_function):
+    """A fixture's build(name, **options): the checkpoint is trained once, then reused from `cache`."""
 
-    def build(name, num_procs=2, **options):
-        save_dir = checkpoint_cache / name
+    def build(name, **options):
+        save_dir = cache / f"{prefix}{name}"
         done = save_dir / ".complete"
         if not done.exists():
             shutil.rmtree(save_dir, ignore_errors=True)
-            build_checkpoint(save_dir, num_procs=num_procs, timeout=900, **options)
+            build_checkpoint_function(save_dir, timeout=900, **options)
             done.write_text("ok")
         return save_dir / (save_dir / "latest").read_text().strip()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def deepspeed_checkpoint(checkpoint_cache):
+    """build(name, num_procs=2, **train_options) -> tag folder of a checkpoint DeepSpeed trained and saved."""
+    return cached_builder(checkpoint_cache, "", build_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def megatron_checkpoint(checkpoint_cache):
     """build(name, tp=, pp=, dp=, **options) -> tag folder of a Megatron-DeepSpeed-shaped GPT checkpoint."""
-
-    def build(name, *, tp, pp, dp, **options):
-        save_dir = checkpoint_cache / f"megatron-{name}"
-        done = save_dir / ".complete"
-        if not done.exists():
-            shutil.rmtree(save_dir, ignore_errors=True)
-            megatron_launch.build_checkpoint(save_dir, tp=tp, pp=pp, dp=dp, timeout=900, **options)
-            done.write_text("ok")
-        return save_dir / (save_dir / "latest").read_text().strip()
-
-    return build
+    return cached_builder(checkpoint_cache, "megatron-", megatron_launch.build_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def autotp_checkpoint(checkpoint_cache):
     """build(name, tp=, dp=, zero_stage=, **options) -> tag folder of a tiny HF model's AutoTP x ZeRO checkpoint."""
-
-    def build(name, *, tp, dp, zero_stage, **options):
-        save_dir = checkpoint_cache / f"autotp-{name}"
-        done = save_dir / ".complete"
-        if not done.exists():
-            shutil.rmtree(save_dir, ignore_errors=True)
-            autotp_launch.build_checkpoint(save_dir, tp=tp, dp=dp, zero_stage=zero_stage, timeout=900, **options)
-            done.write_text("ok")
-        return save_dir / (save_dir / "latest").read_text().strip()
-
-    return build
+    return cached_builder(checkpoint_cache, "autotp-", autotp_launch.build_checkpoint)
 
 
 def snakemake(workdir, *args, config=None, check=False, timeout=900):
