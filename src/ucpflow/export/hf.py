@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import UcpflowError
 from ..fileio import write_text
 from . import tensors as T
-from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, read_full
+from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -239,11 +239,6 @@ def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_
     write_text(output, json.dumps(plan, indent=1))
     print(f"GPT-2 model: {source.num_layers} layers, hidden {source.hidden}, vocabulary {source.vocab}, "
           f"{plan['config']['activation_function']}, {plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
-
-
-def load_plan(path):
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def gpt2_array(plan, spec):

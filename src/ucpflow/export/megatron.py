@@ -20,7 +20,7 @@ from .. import ptfile
 from ..errors import UcpflowError
 from ..fileio import write_text
 from . import tensors as T
-from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, read_full
+from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -156,11 +156,6 @@ def megatron_plan_job(params_path, universal_folder, model_state_path, megatron_
     write_text(output, json.dumps(plan, indent=1))
     print(f"Megatron checkpoint of iteration {plan['iteration']}: tp {tp}, pp {pp}, {plan['dtype']}, "
           f"{source.num_layers // pp} layers per stage, padded vocabulary {plan['padded_vocab']}")
-
-
-def load_plan(path):
-    with open(path) as handle:
-        return json.load(handle)
 
 
 def full_tensor(plan, entry):

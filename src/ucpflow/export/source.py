@@ -109,6 +109,12 @@ class SourceModel:
                               f"{self.checkpoint_version} is not supported (version 2.0 or later is).")
 
 
+def load_plan(path):
+    """An export plan written by the plan job (JSON)."""
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def universal_path(universal_folder, param):
     return os.path.join(universal_folder, "zero", param, "fp32.pt")
 
