@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from ucpflow.demo import DEFAULT_DEMO_SPEC
+from ucpflow.demo.launcher import remove_shm_allreduce_segments
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
@@ -48,18 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_training_arguments(parser)
     return parser
-
-
-def remove_shm_allreduce_segments(master_addr: str, master_port, ranks):
-    """Unlink the /dev/shm segments of DeepSpeed's CPU shared-memory all-reduce for these ranks.
-
-    DeepSpeed creates one ~66 MB segment per rank, named after the master address and port, and
-    never unlinks it: without this every run leaks them until /dev/shm fills the machine's memory.
-    Unlinking a mapped segment is safe; its memory is freed when the last process maps it no more.
-    """
-    for rank in ranks:
-        segment = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
-        segment.unlink(missing_ok=True)
 
 
 def deepspeed_config(args) -> dict:

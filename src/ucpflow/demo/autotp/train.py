@@ -150,7 +150,7 @@ def train(args):
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from ucpflow.demo.train import remove_shm_allreduce_segments
+    from ucpflow.demo.launcher import remove_shm_allreduce_segments
 
     # One thread per rank: the ranks share a few cores, and a fixed thread count keeps the
     # floating-point reduction order, hence the losses, the same from run to run.

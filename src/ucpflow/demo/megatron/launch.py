@@ -5,23 +5,19 @@ Each run starts `tp * pp * dp` CPU processes through the DeepSpeed launcher on a
 result; a failed run raises UcpflowError naming that log.
 """
 
-import json
-import os
-import re
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
+from ucpflow.demo.launcher import free_port  # noqa: F401 (this module's public API since before launcher.py)
+from ucpflow.demo.launcher import (options_to_argv, parse_options, read_losses, run_deepspeed, run_logged,
+                                   saved_tag_folder)
 from ucpflow.demo.megatron.train import build_parser, check_args
 from ucpflow.errors import UcpflowError
 
 TRAIN_SCRIPT = Path(__file__).with_name("train.py")
 DEFAULT_TIMEOUT = 900
-SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
 # Set by the functions below, not by the caller's options.
-RESERVED_OPTIONS = ("tp", "pp", "dp", "save_dir", "resume_universal", "resume_checkpoint", "local_rank")
+RESERVED_OPTIONS = ("tp", "pp", "dp", "save_dir", "resume_universal", "resume_checkpoint")
 
 
 def build_checkpoint(save_dir, *, tp: int, pp: int, dp: int, timeout: float = DEFAULT_TIMEOUT, **options) -> Path:
@@ -35,10 +31,7 @@ def build_checkpoint(save_dir, *, tp: int, pp: int, dp: int, timeout: float = DE
     args = _train_args(options, tp=tp, pp=pp, dp=dp, save_dir=save_dir)
     log_path = save_dir.with_name(save_dir.name + ".log")
     _launch(args, log_path, timeout, f"building the checkpoint in {save_dir}")
-    tag_folder = save_dir / f"global_step{args.steps}"
-    if not tag_folder.is_dir():
-        raise UcpflowError(f"DeepSpeed finished but wrote no {tag_folder}; see {log_path}.")
-    return tag_folder
+    return saved_tag_folder(save_dir, args.steps, log_path)
 
 
 def resume_from_universal(ckpt_root, *, tp: int, pp: int, dp: int, losses_out, timeout: float = DEFAULT_TIMEOUT,
@@ -76,15 +69,9 @@ def run_ds_to_universal(tag_folder, output_folder=None, *, strict: bool = True,
                "--output_folder", str(output_folder)]
     if not strict:
         command.append("--no_strict")
-    _run(command, output_folder.with_name(output_folder.name + ".log"), timeout,
-         f"converting {tag_folder} with ds_to_universal")
+    run_logged(command, output_folder.with_name(output_folder.name + ".log"), timeout,
+               f"converting {tag_folder} with ds_to_universal")
     return output_folder
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _resume(ckpt_root: Path, mode: str, tp, pp, dp, losses_out: Path, timeout, options) -> list[float]:
@@ -92,84 +79,16 @@ def _resume(ckpt_root: Path, mode: str, tp, pp, dp, losses_out: Path, timeout, o
     losses_out.unlink(missing_ok=True)
     log_path = losses_out.with_suffix(".log")
     _launch(args, log_path, timeout, f"resuming from {ckpt_root} on tp {tp}, pp {pp}, dp {dp}")
-    if not losses_out.is_file():
-        raise UcpflowError(f"DeepSpeed finished but wrote no losses to {losses_out}; see {log_path}.")
-    return json.loads(losses_out.read_text())
+    return read_losses(losses_out, log_path)
 
 
 def _train_args(options: dict, **fixed):
-    """train.py's namespace, so that a misspelt or invalid option fails before anything is launched."""
-    parser = build_parser()
-    allowed = set(vars(parser.parse_args([]))) - set(RESERVED_OPTIONS)
-    rejected = sorted(set(options) - allowed)
-    if rejected:
-        raise UcpflowError(f"Option(s) {', '.join(rejected)} cannot be given here; "
-                           f"allowed: {', '.join(sorted(allowed))}.")
-    argv = _to_argv({**options, **fixed})
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit:
-        raise UcpflowError(f"Invalid options for the Megatron demo's train.py: {' '.join(argv)}.") from None
+    args = parse_options(build_parser(), options, reserved=RESERVED_OPTIONS, what="the Megatron demo's train.py",
+                         **fixed)
     check_args(args)
     return args
 
 
-def _to_argv(options: dict) -> list[str]:
-    argv = []
-    for name, value in options.items():
-        if name == "local_rank":
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                argv += [flag, str(item)]
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
-
-
 def _launch(args, log_path: Path, timeout: float, what: str):
-    port = free_port()
-    command = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.tp * args.pp * args.dp),
-               "--master_port", str(port), str(TRAIN_SCRIPT), *_to_argv(vars(args))]
-    try:
-        _run(command, log_path, timeout, what)
-    finally:
-        # DeepSpeed's CPU communication backend leaves a shared-memory buffer of about 70 MB per
-        # rank in /dev/shm, named after the master port, and never removes it.
-        for buffer in Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_{os.getuid()}_127.0.0.1_{port}_*"):
-            buffer.unlink(missing_ok=True)
-
-
-def _run(command: list[str], log_path: Path, timeout: float, what: str):
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        # A session of its own lets a timeout end the launcher together with every rank it started.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            returncode = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise UcpflowError(f"Timed out after {timeout:g} s while {what}; see {log_path}.") from None
-    if returncode != 0:
-        raise UcpflowError(f"Failed (exit code {returncode}) while {what}{_first_error(log_path)}; see {log_path}.")
-
-
-def _first_error(log_path: Path) -> str:
-    """The log's first Python exception line, e.g. ", first error: AssertionError: ...", or "".
-
-    The first, because once one rank fails the others fail too, on their broken connections.
-    """
-    exception_line = re.compile(r"^(?:\[rank\d+\]: )?[\w.]*(?:Error|Exception)\b.*")
-    with open(log_path, errors="replace") as log:
-        for line in log:
-            match = exception_line.match(line.strip())
-            if match:
-                return f", first error: {match.group(0)}"
-    return ""
+    run_deepspeed(TRAIN_SCRIPT, options_to_argv(vars(args)), num_procs=args.tp * args.pp * args.dp,
+                  log_path=log_path, timeout=timeout, what=what)

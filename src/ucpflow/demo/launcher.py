@@ -1,0 +1,164 @@
+"""Run a training script under the DeepSpeed launcher on CPU processes, in a subprocess; neither torch
+nor deepspeed is imported here.
+
+Every run gets a free master port (other runs may be launching on the same machine) and its own log
+file; a failed run raises UcpflowError naming that log and quoting its first exception and last lines.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from ucpflow.demo import checkpoint_tag
+from ucpflow.errors import UcpflowError
+
+MASTER_ADDR = "127.0.0.1"
+LOG_TAIL_LINES = 30
+RANK_PREFIX = re.compile(r"^\[rank\d+\]: ")
+# "[rank1]: AssertionError: ..." or "ValueError: ..." as Python prints an uncaught exception.
+EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]: )?([A-Za-z_][\w.]*)?(Error|Exception)\b")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((MASTER_ADDR, 0))
+        return probe.getsockname()[1]
+
+
+def options_to_argv(options: dict) -> list[str]:
+    """Command-line arguments for options in Python spelling: zero_stage=3 gives --zero-stage 3, a bool
+    --flag or --no-flag, a list the flag once per item, None nothing. local_rank is left out: the
+    launcher gives each rank its own."""
+    argv = []
+    for name, value in options.items():
+        if name == "local_rank":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                argv += [flag, str(item)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_options(parser, options: dict, *, reserved, what: str, **fixed):
+    """The parser's namespace for the caller's `options` and the launch module's own `fixed` ones, so
+    that a misspelt, `reserved` or invalid option fails before anything is launched; `what` names the
+    trainer in the error, e.g. "the AutoTP demo"."""
+    allowed = set(vars(parser.parse_args([]))) - set(reserved) - {"local_rank"}
+    rejected = sorted(set(options) - allowed)
+    if rejected:
+        raise UcpflowError(f"Option(s) {', '.join(rejected)} cannot be given to {what}; "
+                           f"allowed: {', '.join(sorted(allowed))}.")
+    complaint = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(complaint):
+            return parser.parse_args(options_to_argv({**options, **fixed}))
+    except SystemExit:
+        reason = complaint.getvalue().strip().splitlines()[-1].partition("error: ")[2]
+        raise UcpflowError(f"Invalid options for {what} ({reason}).") from None
+
+
+def run_deepspeed(script, argv: list[str], *, num_procs: int, log_path: Path, timeout: float, what: str):
+    """Run `script` with `argv` on `num_procs` CPU processes under the DeepSpeed launcher, its output
+    in `log_path`; `what` completes the error message "DeepSpeed failed while ...".
+    """
+    port = free_port()
+    command = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
+               "--master_addr", MASTER_ADDR, "--master_port", str(port), str(script), *argv]
+    try:
+        run_logged(command, log_path, timeout, what)
+    finally:
+        # The trainers unlink their own segments once all ranks have mapped them; a run that died
+        # before that point would leave them behind.
+        remove_shm_allreduce_segments(MASTER_ADDR, port, range(num_procs))
+
+
+def run_logged(command: list[str], log_path: Path, timeout: float, what: str):
+    """Run `command` with its output in `log_path`, and raise UcpflowError if it fails or outlasts `timeout`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        # A session of its own lets a timeout end the launcher together with every rank it spawned;
+        # the fault handler makes a rank killed by a signal (an abort in C++) print its Python stack.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise UcpflowError(f"DeepSpeed timed out after {timeout:g} s while {what}; see {log_path}."
+                               f"{_log_excerpt(log_path)}") from None
+    if returncode != 0:
+        raise UcpflowError(f"DeepSpeed failed (exit code {returncode}) while {what}; see {log_path}."
+                           f"{_log_excerpt(log_path)}")
+
+
+def saved_tag_folder(save_dir: Path, steps: int, log_path: Path) -> Path:
+    """The tag folder a trainer that ran `steps` steps saved into `save_dir`; `log_path` is its run's log."""
+    tag_folder = save_dir / checkpoint_tag(steps)
+    if not tag_folder.is_dir():
+        raise UcpflowError(f"DeepSpeed finished but wrote no {tag_folder}; see {log_path}.")
+    return tag_folder
+
+
+def read_losses(losses_out: Path, log_path: Path) -> list[float]:
+    """The per-step losses a trainer wrote to `losses_out` as JSON; `log_path` is its run's log."""
+    if not losses_out.is_file():
+        raise UcpflowError(f"DeepSpeed finished but wrote no losses to {losses_out}; see {log_path}.")
+    return json.loads(losses_out.read_text())
+
+
+def remove_shm_allreduce_segments(master_addr: str, master_port, ranks):
+    """Unlink the /dev/shm segments of DeepSpeed's CPU shared-memory all-reduce for these ranks.
+
+    DeepSpeed creates one ~66 MB segment per rank, named after the master address and port, and
+    never unlinks it: without this every run leaks them until /dev/shm fills the machine's memory.
+    Unlinking a mapped segment is safe; its memory is freed when the last process maps it no more.
+    """
+    for rank in ranks:
+        segment = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+        segment.unlink(missing_ok=True)
+
+
+def _log_excerpt(log_path: Path) -> str:
+    """The first exception a rank raised, if any, and the last lines of the log.
+
+    The first, because once one rank fails the others fail too, on their broken connections.
+    """
+    with open(log_path, errors="replace") as log:
+        lines = log.readlines()
+    first_error = _first_error(lines)
+    excerpt = f"\nFirst error: {first_error}" if first_error else ""
+    return excerpt + "\nLast lines of the log:\n" + "".join(lines[-LOG_TAIL_LINES:])
+
+
+def _first_error(lines: list[str]):
+    for index, line in enumerate(lines):
+        if EXCEPTION_LINE.match(line):
+            error = _without_rank_prefix(line)
+            if ":" not in error:
+                # A bare "AssertionError" says nothing without the statement that raised it,
+                # the last line above it that is not made of 3.11's ^~~ position markers.
+                statements = [_without_rank_prefix(text) for text in lines[max(index - 3, 0):index]]
+                statements = [text for text in statements if text.strip("^~ ")]
+                if statements:
+                    error += f" at {statements[-1]}"
+            return error
+    return None
+
+
+def _without_rank_prefix(line: str) -> str:
+    return RANK_PREFIX.sub("", line).strip()
