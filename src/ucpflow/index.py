@@ -4,7 +4,8 @@ A *fragment* is the part of one parameter's state (fp32 master weight, exp_avg, 
 that one (pp, tp, dp) rank holds inside a flat optimizer tensor. `build_index` reads only the pickled
 structures of the checkpoint files and returns three tables:
 
-- fragments: param, state, tp, pp, dp, file, tensor (which flat tensor of the file), offset, numel, shape
+- fragments: param, state, tp, pp, dp, file, tensor (which flat tensor of the file), offset, numel, and
+  shape (the parameter's shape on that tensor-parallel rank)
 - params: one row per output parameter folder, with its merge rule, output format and size
 - files: every source file a merge reads, so extraction can map its tensors
 """
@@ -245,6 +246,10 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False):
 
     fragments = pd.DataFrame(rows, columns=["param", "state", "tp", "pp", "dp", "file", "tensor", "offset", "numel"])
     fragments = _drop_shadowed_pipeline_copies(fragments)
+    fragments["shape"] = [
+        shape_text((slice_shapes.get(name) or [None] * (tp + 1))[tp])
+        for name, tp in zip(fragments["param"], fragments["tp"])
+    ]
     with_slices = set(fragments["param"])
 
     params = []

@@ -134,7 +134,7 @@ def read_table(path):
         return list(csv.DictReader(handle, delimiter="\t"))
 
 
-Fragment = collections.namedtuple("Fragment", "param state tp pp dp file tensor offset numel")
+Fragment = collections.namedtuple("Fragment", "param state tp pp dp file tensor offset numel shape")
 
 
 def read_fragments(path):
@@ -142,8 +142,8 @@ def read_fragments(path):
         rows = csv.reader(handle, delimiter="\t")
         if next(rows) != list(Fragment._fields):
             raise CheckpointError(f"{path} is not a fragment table written by this version of ucpflow.")
-        for param, state, tp, pp, dp, file, tensor, offset, numel in rows:
-            yield Fragment(param, state, int(tp), int(pp), int(dp), file, tensor, int(offset), int(numel))
+        for param, state, tp, pp, dp, file, tensor, offset, numel, shape in rows:
+            yield Fragment(param, state, int(tp), int(pp), int(dp), file, tensor, int(offset), int(numel), shape)
 
 
 def remove_partial_folders(final):
