@@ -20,6 +20,7 @@ include: "rules/merge.smk"
 include: "rules/finalize.smk"
 include: "rules/inspect.smk"
 include: "rules/export.smk"
+include: "rules/verify.smk"
 
 
 rule all:

@@ -94,6 +94,10 @@ def merged_bucket(wildcards):
     return f"{WORK}/merge/{bucket_of_parameter()[wildcards.param]}.done"
 
 
+def optimizer_state_file(wildcards):
+    return indexed_layout()["optimizer_state_source"]
+
+
 def model_state_source(wildcards):
     sources = {os.path.basename(path): path for path in indexed_layout()["copy_files"]}
     return sources[wildcards.model_file]
@@ -133,3 +137,20 @@ def merge_runtime(wildcards):
     """Minutes for a bucket at a pessimistic 50 MB/s of universal output, plus start-up."""
     sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
     return 10 + math.ceil(sizes[wildcards.bucket]["bytes"] / 50e6 / 60)
+
+
+def all_extraction_maps(wildcards):
+    return [f"{WORK}/extract/{name}.tsv" for name in indexed_layout()["sources"]]
+
+
+def verify_mem_mb(wildcards, threads):
+    """Each of the verify job's processes holds one parameter's source slices at a time, as a merge does."""
+    sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
+    largest = max(size["largest"] for size in sizes.values())
+    return 512 + threads * math.ceil(4 * largest / 2**20)
+
+
+def verify_runtime(wildcards):
+    """Minutes to read the source fragments and the universal files once each, at a pessimistic 50 MB/s."""
+    sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
+    return 10 + math.ceil(2 * sum(size["bytes"] for size in sizes.values()) / 50e6 / 60)

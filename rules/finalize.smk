@@ -2,6 +2,8 @@ rule optimizer_state:
     """zero/optimizer_state.pt: the first rank's optimizer state without its sharded tensors."""
     input:
         layout=rules.index.output.layout,
+        # The rank file it is read from: a changed rank file writes it again.
+        source=optimizer_state_file,
     output:
         f"{OUT}/zero/optimizer_state.pt",
     log:

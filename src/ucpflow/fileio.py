@@ -1,15 +1,32 @@
 """Atomic file writing: every output appears under its final name only once it is complete."""
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+# The temp names of _temp_path (mkstemp: 8 random characters) and of ptfile.save (pid and 8 hex digits).
+_TEMP_NAME_TAIL = re.compile(r"[a-z0-9_]{8}\.partial.*|\d+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_leftovers(final):
+    """Remove the temp files that earlier writers of `final` left when they were killed (SIGKILL, node
+    failure) before renaming: only one job at a time writes a given output, so no live writer owns them."""
+    final = Path(final)
+    prefix = f".{final.name}."
+    if not final.parent.is_dir():
+        return
+    for entry in os.scandir(final.parent):
+        if entry.name.startswith(prefix) and _TEMP_NAME_TAIL.fullmatch(entry.name[len(prefix) :]):
+            Path(entry.path).unlink(missing_ok=True)
+
 
 def _temp_path(final, suffix=""):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final)
     handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}", dir=final.parent)
     os.close(handle)
     return Path(name)

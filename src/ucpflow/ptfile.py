@@ -33,9 +33,13 @@ import reprlib
 import secrets
 import struct
 import zipfile
-import zlib
 
 import numpy as np
+
+try:  # ISA-L's CRC32 is an order of magnitude faster than zlib's, with the same results
+    from isal.isal_zlib import crc32
+except ImportError:
+    from zlib import crc32
 
 from .errors import CheckpointError
 
@@ -819,7 +823,7 @@ class _ZipWriter:
         self.write(full_name + extra)
         crc, written = 0, 0
         for chunk in chunks:
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             written += len(chunk)
             self.write(chunk)
         if written != size:

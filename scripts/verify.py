@@ -1,0 +1,21 @@
+"""Rule `verify`: check the universal checkpoint against the source fragments."""
+
+import sys
+
+from ucpflow.smk import run
+from ucpflow.verify import verify_job
+
+
+def main():
+    line = verify_job(
+        dict(snakemake.input.items()),
+        snakemake.params.output_folder,
+        snakemake.input.latest,
+        dict(snakemake.output.items()),
+        snakemake.log[0],
+        workers=snakemake.threads,
+    )
+    print(f"ucpflow verify: {line}", file=sys.__stderr__)
+
+
+run(snakemake, main)
