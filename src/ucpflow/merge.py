@@ -272,7 +272,8 @@ def merge_parameter(reader, row, frags, rule, info, tp_degree, folder):
     written = []
 
     def save(state, obj):
-        ptfile.save(obj, os.path.join(folder, f"{state}.pt"))
+        # `folder` is inside the merge job's staging folder, which appears as a whole when complete.
+        ptfile.save(obj, os.path.join(folder, f"{state}.pt"), atomic=False)
         written.append(f"{state}.pt")
 
     if row["format"] == FORMAT_MODULE:

@@ -123,7 +123,7 @@ def bfloat16_bits_to_float32(bits):
     bits = np.asarray(bits)
     if bits.dtype != np.uint16:
         raise ValueError(f"bfloat16 bits must be a uint16 array, got {bits.dtype}")
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)
 
 
 def float32_to_bfloat16_bits(values):
@@ -1150,20 +1150,21 @@ def _archive_name(path):
     return stem or "archive"
 
 
-def save(obj, path):
+def save(obj, path, atomic=True):
     """Write `obj` to `path` as a torch.save checkpoint that `torch.load` reads back equal.
 
     `obj` may hold plain Python containers and scalars, `Size`, `DType`, `Device`, `Opaque`,
     `TensorRef` (bytes copied from its file in chunks), `ArrayTensor` and numpy arrays. Every
     tensor gets its own contiguous storage holding exactly its elements. The file appears
-    atomically: it is written under a temporary name in the same directory and renamed.
+    atomically: it is written under a temporary name in the same directory and renamed — unless
+    `atomic` is False, for files inside a folder that itself appears atomically.
     """
     path = os.fspath(path)
     data_pkl, storages = _pickle_checkpoint(obj)
     directory, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temporary = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp") if atomic else path
     try:
-        with open(temporary, "xb") as file:
+        with open(temporary, "xb" if atomic else "wb") as file:
             writer = _ZipWriter(file, _archive_name(path))
             writer.add("data.pkl", len(data_pkl), [data_pkl])
             writer.add(".format_version", 1, [b"1"])
@@ -1175,7 +1176,8 @@ def save(obj, path):
             serialization_id = writer.serialization_id().encode()
             writer.add(".data/serialization_id", len(serialization_id), [serialization_id])
             writer.finish()
-        os.replace(temporary, path)
+        if atomic:
+            os.replace(temporary, path)
     except BaseException:
         try:
             os.unlink(temporary)
