@@ -29,6 +29,3 @@ rule all:
         # Every parameter's files too, so that a deleted parameter folder is converted again.
         universal_outputs,
         SETTINGS.latest_universal,
-        # For `snakemake --report`: the checkpoint tables and the bytes-per-parameter plot.
-        rules.inspect.output.summary,
-        rules.inspect.output.plot,

@@ -20,7 +20,7 @@ rule inspect:
             "args.md",
         ),
         plot=report(
-            f"{INSPECT}/parameter_bytes.png",
+            f"{INSPECT}/parameter_bytes.svg",
             category="Checkpoint",
             caption="../report/parameter_bytes.rst",
         ),

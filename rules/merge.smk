@@ -39,6 +39,6 @@ rule publish:
         f"{OUT}/zero/{{param}}/fp32.pt",
     wildcard_constraints:
         param=r"[^/]+",
+    localrule: True
     # Nothing runs, so no core is taken: all of a bucket's parameters are declared in one scheduling round.
     threads: 0
-    localrule: True

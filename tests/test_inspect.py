@@ -74,5 +74,5 @@ def test_report_after_conversion(deepspeed_checkpoint, tmp_path):
     convert(tmp_path / "run", tag, tmp_path / "out" / "u")
     snakemake(tmp_path / "run", "--report", str(tmp_path / "report.html"), config=config, check=True)
     html = (tmp_path / "report.html").read_text()
-    for expected in ("parameter_bytes.png", "summary.md", "merge", "index"):
+    for expected in ("parameter_bytes.svg", "summary.md", "merge", "index"):
         assert expected in html

@@ -134,77 +134,100 @@ def _args_table(folder, layout):
     return pd.DataFrame(sorted((k, repr(v)) for k, v in values.items()), columns=["arg", "value"])
 
 
+def layout_summary(layout):
+    summary = dict(
+        folder=layout.folder, zero_stage=layout.zero_stage, pp_degree=layout.pp_degree, tp_degree=layout.tp_degree,
+        dp_degree=layout.dp_degree, rank_files=len(layout.rank_files), global_steps=layout.global_steps,
+    )
+    first = ptfile.load(layout.model_files[0])
+    summary["iteration"] = first.get("iteration", layout.global_steps)
+    summary["ds_version"] = first.get(C.DS_VERSION, "")
+    summary["universal_checkpoint_info"] = layout.universal_info is not None
+    return summary
+
+
+def conversion_tables(layout, info, fragments, params):
+    """(summary, tables) of an indexed checkpoint; `params` carries the merge plan's buckets."""
+    summary = layout_summary(layout)
+    summary.update(parameters=len(params), universal_bytes=int(params["bytes"].sum()), blockers=[])
+    tables = {
+        "parameters": parameters_table(layout, info, fragments, params),
+        "files": files_table(layout.folder, layout),
+        "args": _args_table(layout.folder, layout),
+    }
+    return summary, tables
+
+
 def inspect_checkpoint(input_folder, *, strict=True, inject_missing_state=False, job_bytes=4_000_000_000, min_jobs=2):
     """Everything inspect reports, as (summary dict, {table name: DataFrame}); problems become blockers."""
-    from .index import build_index, universal_info_for
+    from .index import build_index
+    from .plan import assign_buckets
 
-    blockers, tables = [], {}
     folder = resolve_tag_folder(input_folder)
-    layout = None
     try:
         layout = discover(input_folder)
     except CheckpointError as problem:
-        blockers.append(str(problem))
-    summary = dict(folder=str(folder))
-    if layout is not None:
-        summary.update(
-            zero_stage=layout.zero_stage, pp_degree=layout.pp_degree, tp_degree=layout.tp_degree,
-            dp_degree=layout.dp_degree, rank_files=len(layout.rank_files), global_steps=layout.global_steps,
-        )
-        first = ptfile.load(layout.model_files[0])
-        summary["iteration"] = first.get("iteration", layout.global_steps)
-        summary["ds_version"] = first.get(C.DS_VERSION, "")
-        summary["universal_checkpoint_info"] = layout.universal_info is not None
-        try:
-            universal_info_for(layout, inject_missing_state)
-            _, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
-            from .plan import assign_buckets
-
-            params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
-            tables["parameters"] = parameters_table(layout, info, fragments, params)
-            summary["parameters"] = len(params)
-            summary["universal_bytes"] = int(params["bytes"].sum())
-        except CheckpointError as problem:
-            blockers.append(str(problem))
-    tables.setdefault("parameters", pd.DataFrame(columns=PARAMETER_COLUMNS))
-    tables["files"] = files_table(folder, layout)
-    tables["args"] = _args_table(folder, layout)
-    summary["blockers"] = blockers
-    return summary, tables
+        summary = dict(folder=str(folder), blockers=[str(problem)])
+        tables = {
+            "parameters": pd.DataFrame(columns=PARAMETER_COLUMNS),
+            "files": files_table(folder),
+            "args": _args_table(folder, None),
+        }
+        return summary, tables
+    try:
+        _, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
+    except CheckpointError as problem:
+        summary = layout_summary(layout)
+        summary["blockers"] = [str(problem)]
+        tables = {
+            "parameters": pd.DataFrame(columns=PARAMETER_COLUMNS),
+            "files": files_table(folder, layout),
+            "args": _args_table(folder, layout),
+        }
+        return summary, tables
+    params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
+    return conversion_tables(layout, info, fragments, params)
 
 
 PARAMETER_COLUMNS = ["param", "shape", "dtype", "numel", "pp_stage", "tp_merge", "states", "bytes", "merge_job"]
 
 
+SVG_COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7"]
+
+
 def plot_parameter_bytes(parameters, path, top=40):
-    """Bar chart of the largest parameters' universal bytes (written atomically)."""
-    import matplotlib
+    """SVG bar chart of the largest parameters' universal bytes, coloured by merge job (written atomically)."""
+    from html import escape
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .fileio import write_text
 
-    from .fileio import atomic_writer
-
-    figure, axes = plt.subplots(figsize=(9, 5))
-    if parameters is None or not len(parameters):
-        axes.text(0.5, 0.5, "no parameters (see the summary)", ha="center", va="center")
-        axes.set_axis_off()
-    else:
-        largest = parameters.sort_values("bytes", ascending=False).head(top)
-        jobs = sorted(largest["merge_job"].unique())
-        colours = [plt.cm.tab10(jobs.index(job) % 10) for job in largest["merge_job"]]
-        axes.barh(largest["param"][::-1], largest["bytes"][::-1] / 2**20, color=colours[::-1])
-        from matplotlib.patches import Patch
-
-        axes.legend(handles=[Patch(color=plt.cm.tab10(i % 10), label=f"merge job {job}") for i, job in enumerate(jobs)],
-                    fontsize=7, loc="lower right")
-        axes.set_xlabel("MiB of universal output")
-        axes.set_title(f"Largest {len(largest)} of {len(parameters)} parameters")
-        axes.tick_params(axis="y", labelsize=6)
-    figure.tight_layout()
-    with atomic_writer(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=110)
-    plt.close(figure)
+    label_width, bar_width, row, head = 300, 460, 16, 40
+    largest = parameters.sort_values("bytes", ascending=False).head(top) if parameters is not None else parameters
+    if largest is None or not len(largest):
+        write_text(path, '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="40">'
+                   '<text x="10" y="25" font-family="sans-serif" font-size="13">no parameters (see the summary)</text></svg>\n')
+        return
+    jobs = sorted(largest["merge_job"].unique())
+    colour = {job: SVG_COLOURS[i % len(SVG_COLOURS)] for i, job in enumerate(jobs)}
+    scale = bar_width / max(int(largest["bytes"].max()), 1)
+    height = head + row * len(largest) + 20 + 16 * len(jobs)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_width + bar_width + 120}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<text x="10" y="20" font-size="14">Universal bytes of the largest {len(largest)} of {len(parameters)} parameters</text>',
+    ]
+    for index, (name, size, job) in enumerate(zip(largest["param"], largest["bytes"], largest["merge_job"])):
+        y = head + index * row
+        parts.append(f'<text x="{label_width - 6}" y="{y + 11}" text-anchor="end">{escape(str(name))}</text>')
+        parts.append(f'<rect x="{label_width}" y="{y + 2}" width="{max(int(size) * scale, 1):.1f}" height="{row - 4}" '
+                     f'fill="{colour[job]}"/>')
+        parts.append(f'<text x="{label_width + int(size) * scale + 4:.1f}" y="{y + 11}">{int(size) / 2**20:.2f} MiB</text>')
+    for index, job in enumerate(jobs):
+        y = head + row * len(largest) + 12 + 16 * index
+        parts.append(f'<rect x="{label_width}" y="{y}" width="10" height="10" fill="{colour[job]}"/>')
+        parts.append(f'<text x="{label_width + 16}" y="{y + 9}">merge job {escape(str(job))}</text>')
+    parts.append("</svg>")
+    write_text(path, "\n".join(parts) + "\n")
 
 
 def summary_text(summary):
