@@ -29,3 +29,11 @@ rule all:
         # Every parameter's files too, so that a deleted parameter folder is converted again.
         universal_outputs,
         SETTINGS.latest_universal,
+
+
+onsuccess:
+    stop_rate_limiter_timers(log)
+
+
+onerror:
+    stop_rate_limiter_timers(log)

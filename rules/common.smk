@@ -2,6 +2,7 @@ import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -59,14 +60,28 @@ def _read_buckets(path):
     return dict(zip(params["param"], params["bucket"]))
 
 
+_INDEX_OUTPUT = []
+
+
+def index_output():
+    """The outputs of the `index` checkpoint; raises until that job has run.
+
+    `checkpoints.index.get()` expands the rule's outputs on every call, and input functions call it
+    thousands of times; once it has succeeded it keeps succeeding, so it is asked only until then.
+    """
+    if not _INDEX_OUTPUT:
+        _INDEX_OUTPUT.append(checkpoints.index.get().output)
+    return _INDEX_OUTPUT[0]
+
+
 def indexed_layout():
-    """The checkpoint layout written by the `index` checkpoint (raises until that job has run)."""
-    return _read_index_file(checkpoints.index.get().output.layout, _read_json)
+    """The checkpoint layout written by the `index` checkpoint."""
+    return _read_index_file(index_output().layout, _read_json)
 
 
 def bucket_of_parameter():
     """{parameter: merge bucket} from the index."""
-    return _read_index_file(checkpoints.index.get().output.params, _read_buckets)
+    return _read_index_file(index_output().params, _read_buckets)
 
 
 def checkpoint_input(wildcards):
@@ -129,13 +144,13 @@ def _read_bucket_sizes(path):
 
 def merge_mem_mb(wildcards):
     """A merge holds one parameter at a time: its fragments, the merged tensor and the write buffer."""
-    sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
+    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
     return 512 + math.ceil(4 * sizes[wildcards.bucket]["largest"] / 2**20)
 
 
 def merge_runtime(wildcards):
     """Minutes for a bucket at a pessimistic 50 MB/s of universal output, plus start-up."""
-    sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
+    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
     return 10 + math.ceil(sizes[wildcards.bucket]["bytes"] / 50e6 / 60)
 
 
@@ -145,12 +160,21 @@ def all_extraction_maps(wildcards):
 
 def verify_mem_mb(wildcards, threads):
     """Each of the verify job's processes holds one parameter's source slices at a time, as a merge does."""
-    sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
+    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
     largest = max(size["largest"] for size in sizes.values())
     return 512 + threads * math.ceil(4 * largest / 2**20)
 
 
 def verify_runtime(wildcards):
     """Minutes to read the source fragments and the universal files once each, at a pessimistic 50 MB/s."""
-    sizes = _read_index_file(checkpoints.index.get().output.params, _read_bucket_sizes)
+    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
     return 10 + math.ceil(2 * sum(size["bytes"] for size in sizes.values()) / 50e6 / 60)
+
+
+def stop_rate_limiter_timers(log):
+    """Snakemake's job rate limiter arms a 1 s non-daemon `threading.Timer` each time it waits, and
+    Python waits for the last one before exiting; once the run is over nothing needs them.
+    """
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()
