@@ -8,6 +8,7 @@ parameter's rule (`patterns.classify`). Every step reproduces `ds_to_universal.m
 
 import json
 import math
+import mmap
 import os
 
 import numpy as np
@@ -23,11 +24,19 @@ SUBPARAM_SHAPE_CLASS = ("deepspeed.checkpoint.universal_checkpoint", "SubparamSh
 
 
 class FragmentReader:
-    """Reads element ranges of flat tensors located by the extraction maps, with positioned reads."""
+    """Reads element ranges of flat tensors located by the extraction maps.
+
+    A fragment that is used whole is a read-only view of the memory-mapped rank file: its bytes go
+    from the page cache to the output file with one copy, instead of being read into a new array
+    and written from it. `release()` unmaps the pages touched so far, so that the resident memory
+    of a merge stays at about one tensor.
+    """
 
     def __init__(self, maps):
         self.maps = maps
         self._handles = {}
+        self._mappings = {}
+        self._touched = []
 
     def _fd(self, path):
         if path not in self._handles:
@@ -52,6 +61,36 @@ class FragmentReader:
                 raise CheckpointError(f"{path} ends before the data of {key}: the file is truncated.")
             view, position = view[count:], position + count
 
+    def _mapping(self, path):
+        if path not in self._mappings:
+            try:
+                self._mappings[path] = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # a file system without mmap: read instead
+                self._mappings[path] = None
+        return self._mappings[path]
+
+    def view(self, path, key, offset, numel):
+        """(read-only array, dtype) of elements [offset, offset + numel) of a tensor, without copying."""
+        dtype, base, total, _ = self.locate(path, key)
+        if offset + numel > total:
+            raise CheckpointError(f"{path}: a fragment of {key} runs past the end of the tensor.")
+        mapping = self._mapping(path)
+        if mapping is None:
+            return self.read(path, key, offset, numel)
+        array_dtype = ptfile.numpy_dtype(dtype)
+        start = base + offset * array_dtype.itemsize
+        if start + numel * array_dtype.itemsize > len(mapping):
+            raise CheckpointError(f"{path} ends before the data of {key}: the file is truncated.")
+        self._touched.append((mapping, start, numel * array_dtype.itemsize))
+        return np.frombuffer(mapping, dtype=array_dtype, count=numel, offset=start), dtype
+
+    def release(self):
+        """Drop the mapped pages read so far from this process; they stay in the page cache."""
+        for mapping, start, nbytes in self._touched:
+            aligned = start - start % mmap.PAGESIZE
+            mapping.madvise(mmap.MADV_DONTNEED, aligned, nbytes + start - aligned)
+        self._touched.clear()
+
     def read(self, path, key, offset, numel):
         dtype = self.locate(path, key)[0]
         out = np.empty(numel, dtype=ptfile.numpy_dtype(dtype))
@@ -67,6 +106,9 @@ class FragmentReader:
         return ArrayTensor(data.reshape(()), dtype)
 
     def close(self):
+        # A mapping closes itself once no array views it any more.
+        self.release()
+        self._mappings.clear()
         for fd in self._handles.values():
             os.close(fd)
         self._handles.clear()
@@ -88,12 +130,15 @@ def _same_value(a, b):
 def _cat_over_dp(reader, frags, name, state, shape):
     frags = sorted(frags, key=lambda f: f.dp)
     total = sum(f.numel for f in frags)
-    dtype = reader.locate(frags[0].file, frags[0].tensor)[0]
-    out = np.empty(total, dtype=ptfile.numpy_dtype(dtype))
-    position = 0
-    for frag in frags:
-        reader.read_into(out[position : position + frag.numel], frag.file, frag.tensor, frag.offset)
-        position += frag.numel
+    if len(frags) == 1:
+        out, dtype = reader.view(frags[0].file, frags[0].tensor, frags[0].offset, total)
+    else:
+        dtype = reader.locate(frags[0].file, frags[0].tensor)[0]
+        out = np.empty(total, dtype=ptfile.numpy_dtype(dtype))
+        position = 0
+        for frag in frags:
+            reader.read_into(out[position : position + frag.numel], frag.file, frag.tensor, frag.offset)
+            position += frag.numel
     if shape is None:
         return Slice(out, dtype)
     if math.prod(shape) != total:
@@ -220,7 +265,7 @@ def _affine(name, rule, slices, info, state):
 
     params = info[C.AFFINE_MAP][C.AFFINE_MAP_PARAMS]
     affine_map = ParamAffineMap.from_dict(params[rule.pattern])
-    pieces = {tp: torch.from_numpy(np.ascontiguousarray(s.array)) for tp, s in enumerate(slices)}
+    pieces = {tp: torch.from_numpy(np.array(s.array)) for tp, s in enumerate(slices)}  # writable copies
     return affine_map.rebuild(pieces, SCALE_POWER_BY_STATE[state]).numpy()
 
 
@@ -275,10 +320,11 @@ def merge_parameter(reader, row, frags, rule, info, tp_degree, folder):
         # `folder` is inside the merge job's staging folder, which appears as a whole when complete.
         ptfile.save(obj, os.path.join(folder, f"{state}.pt"), atomic=False)
         written.append(f"{state}.pt")
+        reader.release()
 
     if row["format"] == FORMAT_MODULE:
         dtype, _, numel, _ = reader.locate(row["source"], row["tensor"])
-        data, dtype = reader.read(row["source"], row["tensor"], 0, numel)
+        data, dtype = reader.view(row["source"], row["tensor"], 0, numel)
         save("fp32", {C.PARAM: ArrayTensor(_float32(data, dtype).reshape(shapes[0]), "float32")})
         return written
 
