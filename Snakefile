@@ -29,6 +29,8 @@ rule all:
         # Every parameter's files too, so that a deleted parameter folder is converted again.
         universal_outputs,
         SETTINGS.latest_universal,
+        # For `snakemake --report`: the tables of what was converted.
+        rules.report_tables.output,
 
 
 onsuccess:

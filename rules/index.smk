@@ -7,27 +7,6 @@ checkpoint index:
         fragments=f"{INDEX}/fragments.tsv",
         params=f"{INDEX}/params.tsv",
         info=f"{INDEX}/universal_info.pkl",
-        # The inspect tables of what is converted, for `snakemake --report`.
-        report_summary=report(
-            f"{WORK}/report/summary.md",
-            category="Checkpoint",
-            caption="../report/summary.rst",
-        ),
-        report_tables=multiext(
-            f"{WORK}/report/",
-            "summary.csv",
-            "files.csv",
-            "files.md",
-            "parameters.csv",
-            "parameters.md",
-            "args.csv",
-            "args.md",
-        ),
-        report_plot=report(
-            f"{WORK}/report/parameter_bytes.svg",
-            category="Checkpoint",
-            caption="../report/parameter_bytes.rst",
-        ),
     log:
         f"{LOGS}/index.log",
     benchmark:

@@ -38,3 +38,43 @@ rule inspect:
         merge_min_jobs=config["merge_min_jobs"],
     script:
         "../scripts/inspect.py"
+
+
+rule report_tables:
+    """The inspect tables and plot of the checkpoint being converted, from the index, for
+    `snakemake --report` (a job of its own: a checkpoint rule's outputs must all be requested)."""
+    input:
+        layout=rules.index.output.layout,
+        fragments=rules.index.output.fragments,
+        params=rules.index.output.params,
+        info=rules.index.output.info,
+    output:
+        summary=report(
+            f"{WORK}/report/summary.md",
+            category="Conversion",
+            caption="../report/summary.rst",
+        ),
+        tables=multiext(
+            f"{WORK}/report/",
+            "summary.csv",
+            "files.csv",
+            "files.md",
+            "parameters.csv",
+            "parameters.md",
+            "args.csv",
+            "args.md",
+        ),
+        plot=report(
+            f"{WORK}/report/parameter_bytes.svg",
+            category="Conversion",
+            caption="../report/parameter_bytes.rst",
+        ),
+    log:
+        f"{LOGS}/report_tables.log",
+    benchmark:
+        f"{BENCHMARKS}/report_tables.tsv"
+    conda:
+        "../envs/ucpflow.yaml"
+    localrule: True
+    script:
+        "../scripts/report_tables.py"

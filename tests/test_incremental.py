@@ -57,6 +57,26 @@ def test_deleted_parameter_folder_reruns_only_its_bucket(many_parameters, tmp_pa
     assert conversion.matches(theirs)
 
 
+def test_deleted_report_table_and_parameter_folder_are_both_rewritten(many_parameters, tmp_path):
+    tag, theirs = many_parameters
+    conversion = CompleteConversion(tmp_path, tag)
+    param = "blocks.3.attn.qkv.bias"
+    bucket = conversion.bucket_of[param]
+    (conversion.work / "report" / "files.md").unlink()
+    shutil.rmtree(conversion.output / "zero" / param)
+
+    jobs = conversion.rerun("after-delete-report")
+
+    assert jobs == {
+        "report_tables": 1,
+        "merge": 1,
+        "publish": len(conversion.parameters_of({bucket})),
+        "finalize": 1,
+    }
+    assert (conversion.work / "report" / "files.md").is_file()
+    assert conversion.matches(theirs)
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_changed_rank_file_reruns_its_extraction_and_the_merges_reading_it(rank, many_parameters, tmp_path):
     tag, theirs = many_parameters

@@ -13,13 +13,13 @@ structures of the checkpoint files and returns three tables:
 import json
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import pandas as pd
 
 from . import dsconst as C
 from .errors import CheckpointError
-from .layout import ZERO_PARTITION_GROUPS, discover, load_structure
+from .layout import ZERO_PARTITION_GROUPS, Layout, RankFile, discover, load_structure
 from .patterns import COLUMN_PARALLEL, classify, unused_patterns
 from .ptfile import TensorRef
 
@@ -324,3 +324,10 @@ def layout_record(layout, info_path):
     record.pop("universal_info")
     record["universal_info_file"] = str(info_path)
     return record
+
+
+def layout_from_record(record, info):
+    """The Layout that `layout_record` wrote to layout.json, with its universal_checkpoint_info."""
+    names = {f.name for f in fields(Layout)} - {"universal_info", "rank_files"}
+    rank_files = [RankFile(**rank) for rank in record["rank_files"]]
+    return Layout(universal_info=info, rank_files=rank_files, **{k: v for k, v in record.items() if k in names})

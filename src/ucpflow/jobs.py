@@ -63,15 +63,22 @@ def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_st
         fragments.to_csv(handle, sep="\t", index=False)
     with atomic_writer(outputs["params"]) as handle:
         params.to_csv(handle, sep="\t", index=False)
-    write_report_tables(layout, info, fragments, params, outputs["report_summary"], outputs["report_plot"])
     write_text(outputs["layout"], json.dumps(record, indent=1))
     return layout, params
 
 
-def write_report_tables(layout, info, fragments, params, summary_path, plot_path):
-    """The inspect tables and the bytes-per-parameter plot of the conversion, for `snakemake --report`."""
+def report_tables_job(layout_path, info_path, fragments_path, params_path, summary_path, plot_path):
+    """The inspect tables and the bytes-per-parameter plot of the indexed checkpoint, for `snakemake --report`."""
+    import pandas as pd
+
+    from .index import layout_from_record
     from .inspect import conversion_tables, plot_parameter_bytes, write_inspection
 
+    with open(info_path, "rb") as handle:
+        info = pickle.load(handle)
+    layout = layout_from_record(load_layout(layout_path), info)
+    fragments = pd.read_csv(fragments_path, sep="\t", keep_default_na=False)
+    params = pd.read_csv(params_path, sep="\t", keep_default_na=False)
     summary, tables = conversion_tables(layout, info, fragments, params)
     write_inspection(summary, tables, Path(summary_path).parent)
     plot_parameter_bytes(tables["parameters"], plot_path)
