@@ -23,6 +23,13 @@ TARGETS = {
     "many": {"wall": 1.5, "rss": None},
 }
 TEMP_FILES_PER_RANK_FILE_TARGET = 4
+# The files that carry data from one step to the next (what the temp-file target is about); logs,
+# benchmarks, report tables, Snakemake's records and ucpflow's kept staging folder (hard links of the
+# output's own files) are listed too, but hold no intermediate data.
+INTERMEDIATE_CATEGORIES = {
+    "ds_to_universal": ("tmp/ inside the output",),
+    "ucpflow": ("work folder: extract/", "work folder: index/"),
+}
 DRY_RUN_TARGET_S = 10
 GIB, MIB = 2**30, 2**20
 
@@ -97,6 +104,30 @@ def paired_wall_ratio(rows, case):
     if not set(TOOLS) <= set(walls.columns):
         return None
     return _median(list(walls["ucpflow"] / walls["ds_to_universal"]))
+
+
+def intermediate_files_table(benches):
+    """Files of intermediate data per rank file, against the target (ucpflow's merge-done markers,
+    one per merge job, are Snakemake temp() files already deleted when the footprint is counted)."""
+    lines = [
+        f"Intermediate data files (ds_to_universal: {', '.join(INTERMEDIATE_CATEGORIES['ds_to_universal'])}; "
+        f"ucpflow: {', '.join(INTERMEDIATE_CATEGORIES['ucpflow'])}) per rank file:",
+        "",
+        "| case | ds_to_universal | ucpflow | target | |",
+        "|---|---|---|---|---|",
+    ]
+    for bench in benches:
+        per_rank_file = {}
+        for tool in TOOLS:
+            categories = bench.footprints.get(tool, {})
+            files = sum(categories[c].files for c in INTERMEDIATE_CATEGORIES[tool] if c in categories)
+            per_rank_file[tool] = files / bench.rank_files if categories else None
+        ours = per_rank_file["ucpflow"]
+        lines.append(
+            f"| {bench.case.name} | {_fmt(per_rank_file['ds_to_universal'])} | {_fmt(ours)} "
+            f"| {TEMP_FILES_PER_RANK_FILE_TARGET} | {_verdict(ours, TEMP_FILES_PER_RANK_FILE_TARGET)} |"
+        )
+    return lines + [""]
 
 
 def _verdict(value, target):
@@ -203,6 +234,7 @@ def summary(rows, medians, benches, dry_run, machine):
                 f"**{total / bench.rank_files:.1f}** |"
             )
     lines += ["", f"Rank files per case: {', '.join(f'{b.case.name} {b.rank_files}' for b in benches)}.", ""]
+    lines += intermediate_files_table(benches)
 
     lines += [
         "## Where ucpflow's time goes",

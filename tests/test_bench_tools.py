@@ -251,3 +251,26 @@ def test_workflow_snapshot_and_fingerprint_cover_the_workflow_files_only(tmp_pat
     assert workflow_fingerprint(tmp_path / "copy") == before
     (tmp_path / "rules" / "merge.smk").write_text("rule merge:\n    threads: 2\n")
     assert workflow_fingerprint(tmp_path) != before
+
+
+def test_intermediate_files_table_counts_only_the_files_that_carry_data():
+    from types import SimpleNamespace
+
+    from bench.report import intermediate_files_table
+
+    bench = SimpleNamespace(
+        case=SimpleNamespace(name="c"),
+        rank_files=2,
+        footprints={
+            "ds_to_universal": {"tmp/ inside the output": Footprint(files=600)},
+            "ucpflow": {
+                "tmp/ inside the output": Footprint(files=580),
+                "work folder: extract/": Footprint(files=3),
+                "work folder: index/": Footprint(files=4),
+                "work folder: logs/": Footprint(files=9),
+                ".snakemake/ (Snakemake's records)": Footprint(files=600),
+            },
+        },
+    )
+    rows = [line for line in intermediate_files_table([bench]) if line.startswith("| c ")]
+    assert rows == ["| c | 300.000 | 3.500 | 4 | met |"]
