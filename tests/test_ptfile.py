@@ -4,7 +4,6 @@ import collections
 import enum
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import torch
 
 import ptfile_helpers as helpers
 from ucpflow import ptfile
+from ucpflow.demo.launcher import run_deepspeed
 from ucpflow.errors import CheckpointError
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -604,23 +604,13 @@ DEEPSPEED_TRAINING = textwrap.dedent("""
     """)
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def deepspeed_checkpoint(tmp_path_factory):
-    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
-    if launcher is None:
-        pytest.skip("the deepspeed launcher is not installed")
     workdir = tmp_path_factory.mktemp("deepspeed")
     script = workdir / "train.py"
     script.write_text(DEEPSPEED_TRAINING)
-    command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(workdir / "ckpt")]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_deepspeed(script, [str(workdir / "ckpt")], num_procs=2, log_path=workdir / "train.log", timeout=600,
+                  what="saving the ptfile test checkpoint")
     return workdir / "ckpt" / "step2"
 
 
