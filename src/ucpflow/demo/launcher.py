@@ -121,6 +121,17 @@ def read_losses(losses_out: Path, log_path: Path) -> list[float]:
     return json.loads(losses_out.read_text())
 
 
+def exit_finished_rank():
+    """End a trainer rank whose work is done (outputs written, process group destroyed) at once.
+
+    Left to interpreter shutdown, torch's teardown sometimes aborts a CPU rank ("terminate called
+    without an active exception"), and the launcher then fails a run that finished.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def remove_shm_allreduce_segments(master_addr: str, master_port, ranks):
     """Unlink the /dev/shm segments of DeepSpeed's CPU shared-memory all-reduce for these ranks.
 

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from ucpflow.demo import DEFAULT_DEMO_SPEC
-from ucpflow.demo.launcher import remove_shm_allreduce_segments
+from ucpflow.demo.launcher import exit_finished_rank, remove_shm_allreduce_segments
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
@@ -136,3 +136,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_finished_rank()

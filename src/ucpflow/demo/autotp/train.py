@@ -20,6 +20,9 @@ import json
 import os
 from pathlib import Path
 
+from ucpflow.demo.launcher import exit_finished_rank
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     layout = parser.add_argument_group("layout (the launcher must start tp * dp processes)")
@@ -217,3 +220,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_finished_rank()

@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from ucpflow.demo.launcher import exit_finished_rank
 from ucpflow.demo.megatron.config import QKV_LAYOUTS, GPTConfig
 from ucpflow.errors import UcpflowError
 
@@ -218,3 +219,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    exit_finished_rank()
