@@ -171,6 +171,30 @@ def verify_runtime(wildcards):
     return 10 + math.ceil(2 * sum(size["bytes"] for size in sizes.values()) / 50e6 / 60)
 
 
+def inspection_outputs(folder, category):
+    """The tables and plot that `inspect` and `report_tables` write into `folder`."""
+    return dict(
+        summary=report(
+            f"{folder}/summary.md", category=category, caption="../report/summary.rst"
+        ),
+        tables=multiext(
+            f"{folder}/",
+            "summary.csv",
+            "files.csv",
+            "files.md",
+            "parameters.csv",
+            "parameters.md",
+            "args.csv",
+            "args.md",
+        ),
+        plot=report(
+            f"{folder}/parameter_bytes.svg",
+            category=category,
+            caption="../report/parameter_bytes.rst",
+        ),
+    )
+
+
 def stop_rate_limiter_timers(log):
     """Snakemake's job rate limiter arms a 1 s non-daemon `threading.Timer` each time it waits, and
     Python waits for the last one before exiting; once the run is over nothing needs them.

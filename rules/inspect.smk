@@ -4,26 +4,7 @@ rule inspect:
     input:
         checkpoint_input,
     output:
-        summary=report(
-            f"{INSPECT}/summary.md",
-            category="Checkpoint",
-            caption="../report/summary.rst",
-        ),
-        tables=multiext(
-            f"{INSPECT}/",
-            "summary.csv",
-            "files.csv",
-            "files.md",
-            "parameters.csv",
-            "parameters.md",
-            "args.csv",
-            "args.md",
-        ),
-        plot=report(
-            f"{INSPECT}/parameter_bytes.svg",
-            category="Checkpoint",
-            caption="../report/parameter_bytes.rst",
-        ),
+        **inspection_outputs(INSPECT, category="Checkpoint"),
     log:
         f"{LOGS}/inspect.log",
     benchmark:
@@ -42,39 +23,21 @@ rule inspect:
 
 rule report_tables:
     """The inspect tables and plot of the checkpoint being converted, from the index, for
-    `snakemake --report` (a job of its own: a checkpoint rule's outputs must all be requested)."""
+    `snakemake --report` (a job of its own: a checkpoint rule's outputs must all be requested).
+    """
     input:
         layout=rules.index.output.layout,
         fragments=rules.index.output.fragments,
         params=rules.index.output.params,
         info=rules.index.output.info,
     output:
-        summary=report(
-            f"{WORK}/report/summary.md",
-            category="Conversion",
-            caption="../report/summary.rst",
-        ),
-        tables=multiext(
-            f"{WORK}/report/",
-            "summary.csv",
-            "files.csv",
-            "files.md",
-            "parameters.csv",
-            "parameters.md",
-            "args.csv",
-            "args.md",
-        ),
-        plot=report(
-            f"{WORK}/report/parameter_bytes.svg",
-            category="Conversion",
-            caption="../report/parameter_bytes.rst",
-        ),
+        **inspection_outputs(f"{WORK}/report", category="Conversion"),
     log:
         f"{LOGS}/report_tables.log",
     benchmark:
         f"{BENCHMARKS}/report_tables.tsv"
+    localrule: True
     conda:
         "../envs/ucpflow.yaml"
-    localrule: True
     script:
         "../scripts/report_tables.py"

@@ -326,6 +326,11 @@ def layout_record(layout, info_path):
     return record
 
 
+def read_index_table(path):
+    """A table the index step wrote (fragments.tsv, params.tsv) as a DataFrame, empty cells as ""."""
+    return pd.read_csv(path, sep="\t", keep_default_na=False)
+
+
 def layout_from_record(record, info):
     """The Layout that `layout_record` wrote to layout.json, with its universal_checkpoint_info."""
     names = {f.name for f in fields(Layout)} - {"universal_info", "rank_files"}

@@ -167,26 +167,24 @@ def inspect_checkpoint(input_folder, *, strict=True, inject_missing_state=False,
     try:
         layout = discover(input_folder)
     except CheckpointError as problem:
-        summary = dict(folder=str(folder), blockers=[str(problem)])
-        tables = {
-            "parameters": pd.DataFrame(columns=PARAMETER_COLUMNS),
-            "files": files_table(folder),
-            "args": _args_table(folder, None),
-        }
-        return summary, tables
+        return _blocked(dict(folder=str(folder)), folder, None, problem)
     try:
         _, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
     except CheckpointError as problem:
-        summary = layout_summary(layout)
-        summary["blockers"] = [str(problem)]
-        tables = {
-            "parameters": pd.DataFrame(columns=PARAMETER_COLUMNS),
-            "files": files_table(folder, layout),
-            "args": _args_table(folder, layout),
-        }
-        return summary, tables
+        return _blocked(layout_summary(layout), folder, layout, problem)
     params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
     return conversion_tables(layout, info, fragments, params)
+
+
+def _blocked(summary, folder, layout, problem):
+    """(summary, tables) of a checkpoint that cannot be converted: what is known, and the problem."""
+    summary["blockers"] = [str(problem)]
+    tables = {
+        "parameters": pd.DataFrame(columns=PARAMETER_COLUMNS),
+        "files": files_table(folder, layout),
+        "args": _args_table(folder, layout),
+    }
+    return summary, tables
 
 
 PARAMETER_COLUMNS = ["param", "shape", "dtype", "numel", "pp_stage", "tp_merge", "states", "bytes", "merge_job"]

@@ -69,17 +69,13 @@ def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_st
 
 def report_tables_job(layout_path, info_path, fragments_path, params_path, summary_path, plot_path):
     """The inspect tables and the bytes-per-parameter plot of the indexed checkpoint, for `snakemake --report`."""
-    import pandas as pd
-
-    from .index import layout_from_record
+    from .index import layout_from_record, read_index_table
     from .inspect import conversion_tables, plot_parameter_bytes, write_inspection
 
     with open(info_path, "rb") as handle:
         info = pickle.load(handle)
     layout = layout_from_record(load_layout(layout_path), info)
-    fragments = pd.read_csv(fragments_path, sep="\t", keep_default_na=False)
-    params = pd.read_csv(params_path, sep="\t", keep_default_na=False)
-    summary, tables = conversion_tables(layout, info, fragments, params)
+    summary, tables = conversion_tables(layout, info, read_index_table(fragments_path), read_index_table(params_path))
     write_inspection(summary, tables, Path(summary_path).parent)
     plot_parameter_bytes(tables["parameters"], plot_path)
 

@@ -11,10 +11,9 @@ import os
 import re
 from dataclasses import dataclass
 
-import pandas as pd
-
 from .. import ptfile
 from ..errors import CheckpointError
+from ..index import read_index_table
 from .tensors import QKV_BLOCKS, QKV_PER_GROUP
 
 WORD_EMBEDDINGS = "word_embeddings"
@@ -175,7 +174,7 @@ def load_source(params_path, universal_folder, model_state_path):
     if args is None or not hasattr(args, "num_layers"):
         raise CheckpointError(f"{model_state_path} holds no Megatron `args` (num_layers, hidden_size, ...), so the "
                               "checkpoint is not from a Megatron GPT model.")
-    params = pd.read_csv(params_path, sep="\t", keep_default_na=False)
+    params = read_index_table(params_path)
     roles = classify_parameters(params["param"])
     weights = []
     for row in params.itertuples(index=False):
