@@ -1,6 +1,6 @@
 # ucpflow: DeepSpeed checkpoint conversion as a Snakemake workflow.
-#   index -> extract (per source file) -> merge (per bucket of parameters)
-#         -> publish (per parameter) -> finalize (latest_universal)
+#   index -> extract (per source file) -> merge (per bucket of parameters, into staging)
+#         -> publish (per parameter, into zero/) -> finalize (checks, then latest_universal)
 import os
 
 from snakemake.utils import min_version
@@ -34,8 +34,4 @@ rule all:
 
 
 onsuccess:
-    stop_rate_limiter_timers(log)
-
-
-onerror:
-    stop_rate_limiter_timers(log)
+    print_conversion_summary()

@@ -2,7 +2,7 @@ import json
 import math
 import os
 import sys
-import threading
+import time
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -17,6 +17,8 @@ os.environ.update(
 
 from ucpflow.config import Settings, coerce_booleans, explain_validation_error
 from ucpflow.errors import UcpflowError
+from ucpflow.publish import incomplete_parameter_stamp
+from ucpflow.signature import input_signature
 
 try:
     coerce_booleans(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -27,9 +29,22 @@ except WorkflowError as error:
 except UcpflowError as error:
     sys.exit(f"ucpflow error: {error}")
 
+STARTED = time.time()
 OUT = SETTINGS.output_folder
 WORK = SETTINGS.work_folder
-INDEX = f"{WORK}/index"
+INDEX_SETTINGS = [
+    config[key]
+    for key in ("strict", "inject_missing_state", "merge_job_bytes", "merge_min_jobs")
+]
+# Everything derived from the input lives under a folder named by the input files' identity, so a
+# changed input is indexed and converted again (the demo's identity is its build settings).
+SIGNATURE = input_signature(
+    SETTINGS.input_folder if not SETTINGS.builds_demo else os.devnull,
+    *INDEX_SETTINGS,
+    *([json.dumps(config["demo"], sort_keys=True)] if SETTINGS.builds_demo else []),
+)
+DERIVED = f"{WORK}/{SIGNATURE}"
+INDEX = f"{DERIVED}/index"
 LOGS = f"{WORK}/logs"
 BENCHMARKS = f"{WORK}/benchmarks"
 INSPECT = os.path.normpath(config["inspect_folder"] or f"{WORK}/inspect")
@@ -100,13 +115,47 @@ def extraction_source(wildcards):
     return sources[wildcards.source]
 
 
+def _maps_of_bucket(bucket):
+    names = indexed_layout()["bucket_sources"][bucket]
+    return [f"{DERIVED}/extract/{name}.tsv" for name in names]
+
+
 def bucket_maps(wildcards):
-    names = indexed_layout()["bucket_sources"][wildcards.bucket]
-    return [f"{WORK}/extract/{name}.tsv" for name in names]
+    return _maps_of_bucket(wildcards.bucket)
 
 
-def merged_bucket(wildcards):
-    return f"{WORK}/merge/{bucket_of_parameter()[wildcards.param]}.done"
+def parameter_bucket(wildcards):
+    bucket = bucket_of_parameter().get(wildcards.param)
+    if bucket is None:
+        raise WorkflowError(f"{wildcards.param} is not a parameter of the indexed checkpoint.")
+    return bucket
+
+
+def staged_bucket(wildcards):
+    return f"{OUT}/tmp/{parameter_bucket(wildcards)}"
+
+
+def parameter_maps(wildcards):
+    return _maps_of_bucket(parameter_bucket(wildcards))
+
+
+def repair_request(wildcards):
+    """A parameter folder that lost a file since it was published (fp32.pt is the declared target, the
+    other states are written beside it) asks for a new, never-seen request file, which reruns its publish."""
+    stamp = incomplete_parameter_stamp(
+        f"{OUT}/zero/{wildcards.param}", _parameter_files()[wildcards.param]
+    )
+    return [f"{DERIVED}/repair/{wildcards.param}.{stamp}"] if stamp else []
+
+
+def _read_parameter_files(path):
+    from ucpflow.publish import parameter_files
+
+    return parameter_files(path)
+
+
+def _parameter_files():
+    return _read_index_file(index_output().params, _read_parameter_files)
 
 
 def optimizer_state_file(wildcards):
@@ -155,7 +204,7 @@ def merge_runtime(wildcards):
 
 
 def all_extraction_maps(wildcards):
-    return [f"{WORK}/extract/{name}.tsv" for name in indexed_layout()["sources"]]
+    return [f"{DERIVED}/extract/{name}.tsv" for name in indexed_layout()["sources"]]
 
 
 def verify_mem_mb(wildcards, threads):
@@ -195,10 +244,40 @@ def inspection_outputs(folder, category):
     )
 
 
-def stop_rate_limiter_timers(log):
-    """Snakemake's job rate limiter arms a 1 s non-daemon `threading.Timer` each time it waits, and
-    Python waits for the last one before exiting; once the run is over nothing needs them.
-    """
-    for thread in threading.enumerate():
-        if isinstance(thread, threading.Timer):
-            thread.cancel()
+def staging_folder(path):
+    """A merge job's staging folder: removed by Snakemake once published, unless keep_temp_folder."""
+    return directory(path) if config["keep_temp_folder"] else temp(directory(path))
+
+
+def publish_job(wildcards, input, log_path):
+    """Body of the `publish` rule (run in Snakemake's process: a fresh process per parameter costs more
+    than its work)."""
+    from ucpflow.jobs import publish_job as publish
+    from ucpflow.smk import run_in_process
+
+    merge_inputs = (
+        parameter_bucket(wildcards),
+        input.layout,
+        input.fragments,
+        input.params,
+        input.info,
+        list(input.maps),
+    )
+    run_in_process(
+        log_path,
+        publish,
+        wildcards.param,
+        input.staged,
+        OUT,
+        _parameter_files()[wildcards.param],
+        merge_inputs,
+    )
+
+
+def print_conversion_summary():
+    """The last line of a conversion that wrote latest_universal in this run: what, where, how to resume."""
+    from ucpflow.finalize import summary_line
+
+    path = Path(rules.finalize.output.summary)
+    if path.is_file() and path.stat().st_mtime >= STARTED:
+        print(summary_line(json.loads(path.read_text()), time.time() - STARTED), file=sys.stderr)

@@ -1,6 +1,6 @@
 # Paths and input functions of the export rules (rules/export.smk).
 
-EXPORT = f"{WORK}/export"
+EXPORT = f"{DERIVED}/export"
 MEGATRON_FOLDER = os.path.normpath(
     config["megatron_folder"] or os.path.join(os.path.dirname(OUT), "megatron")
 )

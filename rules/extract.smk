@@ -4,7 +4,7 @@ rule extract:
         layout=rules.index.output.layout,
         source=lambda wildcards: extraction_source(wildcards)["path"],
     output:
-        f"{WORK}/extract/{{source}}.tsv",
+        f"{DERIVED}/extract/{{source}}.tsv",
     log:
         f"{LOGS}/extract/{{source}}.log",
     benchmark:

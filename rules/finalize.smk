@@ -33,16 +33,21 @@ rule copy_model_state:
         "../envs/ucpflow.yaml"
     params:
         source=model_state_source,
+        output_folder=OUT,
     script:
         "../scripts/copy_model_state.py"
 
 
 rule finalize:
-    """Write latest_universal last: its presence means the universal checkpoint is complete."""
+    """Check the output against the index (removing what an earlier input left), then write
+    latest_universal last: its presence means the universal checkpoint is complete."""
     input:
-        universal_outputs,
+        universal=universal_outputs,
+        layout=rules.index.output.layout,
+        params=rules.index.output.params,
     output:
-        SETTINGS.latest_universal,
+        latest=SETTINGS.latest_universal,
+        summary=f"{DERIVED}/summary.json",
     log:
         f"{LOGS}/finalize.log",
     benchmark:

@@ -31,7 +31,7 @@ rule report_tables:
         params=rules.index.output.params,
         info=rules.index.output.info,
     output:
-        **inspection_outputs(f"{WORK}/report", category="Conversion"),
+        **inspection_outputs(f"{DERIVED}/report", category="Conversion"),
     log:
         f"{LOGS}/report_tables.log",
     benchmark:

@@ -1,5 +1,5 @@
 rule merge:
-    """Merge one bucket of parameters and move each parameter's folder into OUT/zero/ with one rename."""
+    """Merge one bucket of parameters into its staging folder OUT/tmp/<bucket>/<param>/."""
     input:
         layout=rules.index.output.layout,
         fragments=rules.index.output.fragments,
@@ -7,8 +7,8 @@ rule merge:
         info=rules.index.output.info,
         maps=bucket_maps,
     output:
-        # Removed once its parameters are declared done, so a deleted parameter folder reruns this job.
-        done=temp(f"{WORK}/merge/{{bucket}}.done"),
+        # Removed once all its parameters are published (kept with keep_temp_folder, as ds_to_universal).
+        staged=staging_folder(f"{OUT}/tmp/{{bucket}}"),
     log:
         f"{LOGS}/merge/{{bucket}}.log",
     benchmark:
@@ -23,22 +23,43 @@ rule merge:
         runtime=merge_runtime,
     params:
         output_folder=OUT,
-        staging=lambda wildcards: f"{OUT}/tmp/{wildcards.bucket}",
-        keep_temp_folder=config["keep_temp_folder"],
     script:
         "../scripts/merge.py"
 
 
-# One target per parameter, written by its bucket's merge job: declaring them lets Snakemake see a missing
-# or outdated parameter, while a job per parameter would cost a process each for a rename.
+rule repair_request:
+    """A published parameter folder lost a file: this new, empty request file reruns its publish job."""
+    output:
+        f"{DERIVED}/repair/{{param}}.{{stamp}}",
+    log:
+        f"{LOGS}/repair/{{param}}.{{stamp}}.log",
+    wildcard_constraints:
+        stamp=r"\d+",
+    localrule: True
+    threads: 0
+    run:
+        Path(output[0]).touch()
+
+
 rule publish:
-    """Declares OUT/zero/<param>/ (fp32.pt and the other states beside it) as made by its merge job."""
+    """Hard-link one parameter's merged files into OUT/zero/<param>/ (fp32.pt and the other states
+    beside it); a staged copy that lost files is merged again here. Runs in Snakemake's own process."""
     input:
-        merged_bucket,
+        staged=staged_bucket,
+        layout=rules.index.output.layout,
+        fragments=rules.index.output.fragments,
+        params=rules.index.output.params,
+        info=rules.index.output.info,
+        maps=parameter_maps,
+        repair=repair_request,
     output:
         f"{OUT}/zero/{{param}}/fp32.pt",
+    log:
+        f"{LOGS}/publish/{{param}}.log",
     wildcard_constraints:
         param=r"[^/]+",
     localrule: True
-    # Nothing runs, so no core is taken: all of a bucket's parameters are declared in one scheduling round.
+    # A few file operations in Snakemake's process: no core taken, so a bucket's are started together.
     threads: 0
+    run:
+        publish_job(wildcards, input, log[0])

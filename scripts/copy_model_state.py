@@ -5,7 +5,7 @@ from ucpflow.smk import run
 
 
 def main():
-    copy_model_state_job(snakemake.params.source, snakemake.output[0])
+    copy_model_state_job(snakemake.params.source, snakemake.output[0], snakemake.params.output_folder)
 
 
 run(snakemake, main)

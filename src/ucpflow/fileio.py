@@ -23,13 +23,43 @@ def remove_leftovers(final):
             Path(entry.path).unlink(missing_ok=True)
 
 
+def _current_umask():
+    """The process's umask, read without changing it where Linux tells it (os.umask would, for a moment)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+FILE_MODE = 0o666 & ~UMASK
+FOLDER_MODE = 0o777 & ~UMASK
+
+
 def _temp_path(final, suffix=""):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(final)
     handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}", dir=final.parent)
+    # mkstemp makes the file private (0600); outputs get the permissions of any file the user creates.
+    os.fchmod(handle, FILE_MODE)
     os.close(handle)
     return Path(name)
+
+
+def fsync_path(path):
+    """Flush a file's or folder's entry to disk (a folder: so that renames inside it survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -45,9 +75,15 @@ def atomic_writer(final, mode="w"):
         raise
 
 
-def write_text(final, text):
+def write_text(final, text, durable=False):
+    """Write `text` to `final` atomically; `durable` also fsyncs the file and then its folder."""
     with atomic_writer(final) as handle:
         handle.write(text)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    if durable:
+        fsync_path(Path(final).parent)
 
 
 @contextmanager
@@ -56,6 +92,7 @@ def atomic_directory(final):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    os.chmod(temp, FOLDER_MODE)
     try:
         yield temp
         if final.exists():

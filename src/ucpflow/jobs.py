@@ -13,11 +13,13 @@ from . import dsconst as C
 from .errors import CheckpointError
 from .extract import KIND_MODEL, KIND_ZERO3, KIND_ZERO12
 from .fileio import atomic_directory, atomic_writer, copy_file, remove_leftovers, write_text
+from .markers import LATEST_UNIVERSAL, latest_universal_path, retract_latest_universal
+from .signature import is_signature
 
 STAGING = "tmp"
 ZERO = "zero"
 OPTIMIZER_STATE_FILE = "optimizer_state.pt"
-LATEST_UNIVERSAL = "latest_universal"
+MODEL_STATES_SUFFIX = "model_states.pt"
 
 
 def source_name(path):
@@ -25,20 +27,17 @@ def source_name(path):
     return Path(path).name[: -len(".pt")]
 
 
-def latest_universal_path(output_folder):
-    return os.path.join(os.path.dirname(os.path.normpath(output_folder)), LATEST_UNIVERSAL)
-
-
-def check_output_folder(output_folder, copy_names):
-    """Refuse an output folder that holds anything a conversion would not write there."""
+def check_output_folder(output_folder):
+    """Refuse an output folder that holds anything a universal checkpoint would not (an earlier
+    conversion's files are fine: finalize removes those that the current input does not make)."""
     folder = Path(output_folder)
     if not folder.exists():
         return
     if not folder.is_dir():
         raise CheckpointError(f"Output folder {folder} exists and is a file.")
-    allowed = {ZERO, STAGING} | set(copy_names)
     for entry in sorted(folder.iterdir()):
-        if entry.name not in allowed and not entry.name.startswith("."):
+        universal = entry.name in {ZERO, STAGING} or entry.name.endswith(MODEL_STATES_SUFFIX)
+        if not universal and not entry.name.startswith("."):
             raise CheckpointError(
                 f"Output folder {folder} already holds {entry.name}, which is not part of a universal checkpoint "
                 "of this input; choose an empty or new output folder."
@@ -49,8 +48,10 @@ def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_st
     from .index import build_index, layout_record
     from .plan import assign_buckets, bucket_sources
 
+    retract_latest_universal(output_folder)
+    remove_other_derivations(Path(outputs["layout"]).parent.parent)
     layout, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
-    check_output_folder(output_folder, [Path(p).name for p in layout.copy_files])
+    check_output_folder(output_folder)
     params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
     record = layout_record(layout, outputs["info"])
     record["output_folder"] = str(output_folder)
@@ -67,13 +68,21 @@ def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_st
     return layout, params
 
 
+def remove_other_derivations(derived):
+    """Index tables and maps of other inputs (named by their signatures) beside `derived`: once this input is
+    indexed they are stale, and a later return to that input must index it afresh."""
+    derived = Path(derived)
+    for entry in derived.parent.iterdir():
+        if entry != derived and entry.is_dir() and is_signature(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def report_tables_job(layout_path, info_path, fragments_path, params_path, summary_path, plot_path):
     """The inspect tables and the bytes-per-parameter plot of the indexed checkpoint, for `snakemake --report`."""
     from .index import layout_from_record, read_index_table
     from .inspect import conversion_tables, plot_parameter_bytes, write_inspection
 
-    with open(info_path, "rb") as handle:
-        info = pickle.load(handle)
+    info = load_universal_info(info_path)
     layout = layout_from_record(load_layout(layout_path), info)
     summary, tables = conversion_tables(layout, info, read_index_table(fragments_path), read_index_table(params_path))
     write_inspection(summary, tables, Path(summary_path).parent)
@@ -106,39 +115,74 @@ def extract_job(source_path, kind, output):
     write_extraction(source_path, kind, output)
 
 
-def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_paths, staging, output_folder, done,
-              keep_staging=False):
-    """Merge one bucket's parameters into `staging` (which appears only once all are merged), then move each
-    parameter folder into OUT/zero/ with one rename, and write `done` listing them."""
-    from .extract import read_extraction
-    from .merge import FragmentReader, merge_parameter
-    from .patterns import classify
+class BucketMerger:
+    """What the merges of one bucket read: its index rows, fragments and the extraction maps."""
 
-    layout = load_layout(layout_path)
-    with open(info_path, "rb") as handle:
-        info = pickle.load(handle)
-    params = [row for row in read_table(params_path) if row["bucket"] == bucket]
-    names = {row["param"] for row in params}
-    by_param = {}
-    for fragment in read_fragments(fragments_path):
-        if fragment.param in names:
-            by_param.setdefault(fragment.param, []).append(fragment)
-    maps = {layout["sources"][source_name_of(p)]["path"]: read_extraction(p) for p in map_paths}
+    def __init__(self, bucket, layout_path, fragments_path, params_path, info_path, map_paths):
+        from .extract import read_extraction
+        from .merge import FragmentReader
+
+        self.layout = load_layout(layout_path)
+        self.info = load_universal_info(info_path)
+        self.rows = [row for row in read_table(params_path) if row["bucket"] == bucket]
+        names = {row["param"] for row in self.rows}
+        self.fragments = {}
+        for fragment in read_fragments(fragments_path):
+            if fragment.param in names:
+                self.fragments.setdefault(fragment.param, []).append(fragment)
+        maps = {self.layout["sources"][source_name_of(p)]["path"]: read_extraction(p) for p in map_paths}
+        self.reader = FragmentReader(maps)
+
+    def merge(self, row, folder):
+        from .merge import merge_parameter
+        from .patterns import classify
+
+        rule = classify(self.info, row["param"]) if row["merge"] else None
+        merge_parameter(
+            self.reader, row, self.fragments.get(row["param"], []), rule, self.info, self.layout["tp_degree"], folder
+        )
+
+    def merge_one(self, name, folder):
+        rows = [row for row in self.rows if row["param"] == name]
+        if not rows:
+            raise CheckpointError(f"{name} is not a parameter of its merge job's index rows.")
+        self.merge(rows[0], folder)
+
+    def close(self):
+        self.reader.close()
+
+
+def load_universal_info(path):
+    with open(path, "rb") as handle:
+        return pickle.load(handle)
+
+
+def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_paths, staging, output_folder):
+    """Merge one bucket's parameters into the folder `staging`/<param>/, which appears only once all are merged."""
+    retract_latest_universal(output_folder)
     remove_partial_folders(staging)
-    reader = FragmentReader(maps)
+    merger = BucketMerger(bucket, layout_path, fragments_path, params_path, info_path, map_paths)
     try:
         with atomic_directory(staging) as folder:
-            for row in params:
-                rule = classify(info, row["param"]) if row["merge"] else None
-                merge_parameter(
-                    reader, row, by_param.get(row["param"], []), rule, info, layout["tp_degree"],
-                    os.path.join(folder, row["param"]),
-                )
+            for row in merger.rows:
+                merger.merge(row, os.path.join(folder, row["param"]))
     finally:
-        reader.close()
-    names = [row["param"] for row in params]
-    publish_parameters(staging, Path(output_folder) / ZERO, names, keep_staging=keep_staging)
-    write_text(done, "\n".join(names) + "\n")
+        merger.close()
+    return merger.rows
+
+
+def publish_job(name, staged_bucket, output_folder, files, merge_inputs):
+    """Put one parameter's folder (holding `files`) into OUT/zero/, from its bucket's staging (or merged again)."""
+    from .publish import publish_parameter
+
+    def merge_again(folder):
+        merger = BucketMerger(*merge_inputs)
+        try:
+            merger.merge_one(name, folder)
+        finally:
+            merger.close()
+
+    publish_parameter(staged_bucket, output_folder, name, files, merge_again)
 
 
 def read_table(path):
@@ -166,24 +210,6 @@ def remove_partial_folders(final):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def publish_parameters(staging, zero_folder, names, keep_staging=False):
-    """Move staging/<name>/ to zero_folder/<name>/, each in one rename; with `keep_staging`, publish
-    hard-linked copies and leave the staging folder in place."""
-    zero_folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        source, target = Path(staging) / name, zero_folder / name
-        if keep_staging:
-            linked = zero_folder / f".{name}.publishing"
-            shutil.rmtree(linked, ignore_errors=True)
-            shutil.copytree(source, linked, copy_function=os.link)
-            source = linked
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(source, target)
-    if not keep_staging:
-        shutil.rmtree(staging)
-
-
 def source_name_of(map_path):
     return Path(map_path).name[: -len(".tsv")]
 
@@ -207,20 +233,14 @@ def optimizer_state_job(layout_path, output):
         if state.get(C.PARTITION_COUNT):
             state[C.PARTITION_COUNT] = [layout["dp_degree"]] * len(state[C.PARTITION_COUNT])
         state[C.PARAM_GROUPS] = optim[C.BASE_OPTIMIZER_STATE][C.PARAM_GROUPS]
+    retract_latest_universal(layout["output_folder"])
     remove_leftovers(output)
     ptfile.save(state, output)
 
 
-def copy_model_state_job(source, output):
+def copy_model_state_job(source, output, output_folder):
+    retract_latest_universal(output_folder)
     copy_file(source, output)
-
-
-def finalize_job(output_folder, latest_path, keep_temp_folder):
-    """Write `latest_universal` last, once every other output exists; drop the staging folder."""
-    staging = Path(output_folder) / STAGING
-    if staging.is_dir() and not keep_temp_folder:
-        shutil.rmtree(staging)
-    write_text(latest_path, Path(os.path.normpath(output_folder)).name)
 
 
 def demo_checkpoint_job(spec, latest_output):

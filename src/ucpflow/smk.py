@@ -1,17 +1,24 @@
-"""Running a rule's script: its output goes to the rule's log, and a user error ends it with one sentence."""
+"""Running a rule's job: its output goes to the rule's log, and a user error ends it with one sentence."""
 
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from .errors import UcpflowError
 
 
-def run(snakemake, main):
+def _job_name(snakemake):
+    values = ", ".join(str(value) for value in dict(snakemake.wildcards.items()).values())
+    return f"{snakemake.rule} {values}".strip()
+
+
+def run(snakemake, main, announce=False):
     """Call `main()` with stdout/stderr sent to the rule's log file.
 
     A UcpflowError (bad input, bad checkpoint) is reported as one line, both in the log and on the
-    terminal, and exits with status 1; anything else keeps its traceback in the log.
+    terminal, and exits with status 1; anything else keeps its traceback in the log. With `announce`,
+    the text `main()` returns is printed as the job's one line of progress on the terminal.
     """
     terminal = sys.__stderr__
     rule = snakemake.rule
@@ -19,7 +26,7 @@ def run(snakemake, main):
         sys.stdout = sys.stderr = log
         started = time.perf_counter()
         try:
-            main()
+            result = main()
         except UcpflowError as error:
             message = f"ucpflow error: {error}"
             print(message, file=log)
@@ -29,4 +36,22 @@ def run(snakemake, main):
             traceback.print_exc(file=log)
             print(f"ucpflow: rule {rule} failed with {type(error).__name__}: {error} (see {snakemake.log[0]})", file=terminal)
             sys.exit(1)
-        print(f"rule {rule} done in {time.perf_counter() - started:.2f} s", file=log)
+        seconds = time.perf_counter() - started
+        print(f"rule {rule} done in {seconds:.2f} s", file=log)
+        if announce and result:
+            print(f"ucpflow: {_job_name(snakemake)}: {result} in {seconds:.1f} s", file=terminal, flush=True)
+
+
+class JobFailed(Exception):
+    """A job run inside Snakemake's process failed; its one-sentence reason is in the message."""
+
+
+def run_in_process(log_path, function, *args):
+    """Run a `run:` job's body in Snakemake's own process; on a UcpflowError, write the sentence to the
+    log and raise it as one line (Snakemake prints it with the rule's name) instead of a traceback."""
+    try:
+        function(*args)
+    except UcpflowError as error:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text(f"ucpflow error: {error}\n")
+        raise JobFailed(f"ucpflow error: {error}") from None

@@ -1,0 +1,38 @@
+"""Completion markers: `latest_universal` and the exports' last files say "this folder is complete".
+
+A marker is the last word: every job that changes an output folder retracts its marker first, and the
+marker is written (durably: file and folder fsynced) only by the job that checked the folder complete.
+So a run that fails or is killed part-way leaves no marker behind, whatever it had changed.
+"""
+
+import os
+from pathlib import Path
+
+from .fileio import fsync_path, write_text
+
+LATEST_UNIVERSAL = "latest_universal"
+
+
+def latest_universal_path(output_folder):
+    return os.path.join(os.path.dirname(os.path.normpath(output_folder)), LATEST_UNIVERSAL)
+
+
+def retract(marker, names=None):
+    """Remove `marker` before its folder changes; with `names`, only while it names one of them (the
+    parent's `latest_universal` may name another conversion beside this one, which stays complete)."""
+    marker = Path(marker)
+    try:
+        if names is not None and marker.read_text().strip() not in names:
+            return
+        marker.unlink()
+    except FileNotFoundError:
+        return
+    fsync_path(marker.parent)
+
+
+def retract_latest_universal(output_folder):
+    retract(latest_universal_path(output_folder), names={Path(os.path.normpath(output_folder)).name})
+
+
+def write_marker(marker, text):
+    write_text(marker, text, durable=True)

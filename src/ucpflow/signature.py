@@ -1,0 +1,63 @@
+"""The identity of a checkpoint's input files, cheap enough to compute every time the workflow starts.
+
+Every file under the tag folder contributes its relative name, size and modification time and, for
+PyTorch (zip) files, the CRC-32 of every entry as the zip's central directory records it (read from the
+end of the file; no tensor data is read). The index and everything derived from it live in a work folder
+named by this signature, so any change to the input (a rewritten, added or removed file, a `latest`
+naming another tag) re-derives the whole conversion instead of mixing old and new tables.
+"""
+
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+SIGNATURE_LENGTH = 12
+
+
+def _tag_folder(input_folder):
+    """The folder whose files are converted (the `latest` tag of a parent folder), as layout.resolve_tag_folder
+    finds it, without raising: a folder it rejects still gets a signature, and the index says what is wrong."""
+    folder = Path(input_folder)
+    if any(folder.glob("*_optim_states.pt")):
+        return folder, ""
+    latest = folder / "latest"
+    if latest.is_file():
+        tag = latest.read_text(errors="replace").strip()
+        if tag and (folder / tag).is_dir():
+            return folder / tag, tag
+    return folder, ""
+
+
+def _zip_entries(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return ",".join(f"{info.filename}:{info.CRC:08x}" for info in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return "not-a-zip"
+
+
+def input_signature(input_folder, *settings):
+    """Hex digest of the input files' identities and of `settings` (index options that change its tables)."""
+    digest = hashlib.sha1()
+    folder, tag = _tag_folder(input_folder)
+    digest.update(f"tag={tag}\0".encode())
+    for value in settings:
+        digest.update(f"{value!r}\0".encode())
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            line = f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
+            if name.endswith(".pt"):
+                line += _zip_entries(path)
+            digest.update(line.encode() + b"\n")
+    return digest.hexdigest()[:SIGNATURE_LENGTH]
+
+
+def is_signature(name):
+    return len(name) == SIGNATURE_LENGTH and all(c in "0123456789abcdef" for c in name)
