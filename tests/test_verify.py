@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 from conftest import convert, snakemake
+from verify_run import verify_conversion
 
-from ucpflow.verify import failure, verify
+from ucpflow.verify import verify
 
 CASES = {
     "zero1_dp2": ("deepspeed", "z1_bf16_dp2", dict(num_procs=2, zero_stage=1, dtype="bf16")),
@@ -49,12 +50,7 @@ class Conversion:
 
     def verify(self):
         """verify() in this process: (report rows, partition rows, error sentence or None)."""
-        index = self.work / "index"
-        report, partitions, _ = verify(
-            index / "layout.json", index / "fragments.tsv", index / "params.tsv", index / "universal_info.pkl",
-            sorted((self.work / "extract").glob("*.tsv")), self.output, self.output.parent / "latest_universal",
-        )  # fmt: skip
-        return report, partitions, failure(report, partitions, "verify.log")
+        return verify_conversion(self.work, self.output)
 
     def table(self, name):
         with open(self.work / "verify" / name, newline="") as handle:

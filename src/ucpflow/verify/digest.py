@@ -1,11 +1,11 @@
 """Position-dependent checksums of tensor elements, and canonical text of checkpoint structures.
 
-The checksum of a tensor is the sum, mod 2^64, of mix(mix(position) ^ bits) over its elements, where
-`position` is the element's flat (row-major) index in the universal tensor and `bits` its raw value
-bits. A sum can be accumulated in any order, so the source side can add each fragment's elements as
-it reads them, each at the position the merge rule puts it; but moving any element to another
-position changes the sum, so a wrong data-parallel order, tensor-parallel order, axis, transposition
-or sub-parameter interleave does not pass.
+The checksum of a tensor is the sum, mod 2^64, of mix(position * K ^ bits) over its elements (mix:
+splitmix64's finalizer, K odd), where `position` is the element's flat (row-major) index in the
+universal tensor and `bits` its raw value bits. A sum can be accumulated in any order, so the source
+side can add each fragment's elements as it reads them, each at the position the merge rule puts it;
+but moving any element to another position changes the sum, so a wrong data-parallel order,
+tensor-parallel order, axis, transposition or sub-parameter interleave does not pass.
 """
 
 import hashlib
@@ -15,8 +15,10 @@ import numpy as np
 
 from .. import ptfile
 
-CHUNK = 1 << 20  # elements read and hashed at a time
+CHUNK = 1 << 20  # elements read at a time
+_BLOCK = 1 << 16  # elements hashed at a time
 _MASK = (1 << 64) - 1
+_POSITION_FACTOR = np.uint64(0xD6E8FEB86659FD93)  # odd: position -> position * factor is one-to-one
 _SPLITMIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 _SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31))
 
@@ -35,12 +37,15 @@ class Checksum:
         return f"{self.count}:{self.total:016x}"
 
 
-def _mix(z):
-    """splitmix64's finalizer, elementwise on a uint64 array (wrapping arithmetic)."""
-    z = z + _SPLITMIX[0]
-    z = (z ^ (z >> _SHIFTS[0])) * _SPLITMIX[1]
-    z = (z ^ (z >> _SHIFTS[1])) * _SPLITMIX[2]
-    return z ^ (z >> _SHIFTS[2])
+def _mixed_sum(z, scratch):
+    """Sum over elements of splitmix64's finalizer of z (uint64, changed in place), mod 2^64."""
+    z += _SPLITMIX[0]
+    for shift, factor in zip(_SHIFTS, (_SPLITMIX[1], _SPLITMIX[2], None)):
+        np.right_shift(z, shift, out=scratch)
+        z ^= scratch
+        if factor is not None:
+            z *= factor
+    return int(z.sum(dtype=np.uint64))
 
 
 def bits_of(array):
@@ -49,18 +54,28 @@ def bits_of(array):
     return flat.view(f"u{flat.itemsize}") if flat.dtype.kind != "u" else flat
 
 
-def position_sum(positions, array):
-    """The Checksum of elements `array` (flat) placed at `positions` (int64 or uint64, same length)."""
+def _sum(array, block_positions):
+    """Checksum of `array`'s elements; block_positions(start, stop) gives the positions of [start, stop)
+    as a new uint64 array. Hashed in blocks small enough to stay in the CPU cache."""
     bits = bits_of(array)
-    if bits.size == 0:
-        return Checksum()
-    z = _mix(_mix(positions.astype(np.uint64, copy=False)) ^ bits.astype(np.uint64))
-    return Checksum(int(bits.size), int(z.sum(dtype=np.uint64)))
+    total, scratch = 0, np.empty(min(_BLOCK, bits.size), dtype=np.uint64)
+    for start in range(0, bits.size, _BLOCK):
+        stop = min(start + _BLOCK, bits.size)
+        z = block_positions(start, stop)
+        z *= _POSITION_FACTOR
+        z ^= bits[start:stop]
+        total += _mixed_sum(z, scratch[: stop - start])
+    return Checksum(int(bits.size), total & _MASK)
 
 
-def run_sum(start, array):
-    """The Checksum of elements `array` (flat) at the consecutive positions start, start + 1, ..."""
-    return position_sum(np.arange(start, start + array.size, dtype=np.uint64), array)
+def position_sum(positions, array):
+    """The Checksum of elements `array` (flat) placed at `positions` (non-negative, same length)."""
+    return _sum(array, lambda start, stop: positions[start:stop].astype(np.uint64))
+
+
+def run_sum(first, array):
+    """The Checksum of elements `array` (flat) at the consecutive positions first, first + 1, ..."""
+    return _sum(array, lambda start, stop: np.arange(first + start, first + stop, dtype=np.uint64))
 
 
 def tensor_checksum(tensor):

@@ -55,7 +55,8 @@ def verify_optimizer_state(layout, path):
     rows = []
     for key, text in expected.items():
         found = actual.get(key, MISSING)
-        rows.append(row(name, key, short_text(text), found if found == MISSING else short_text(found), status_of(text, found)))
+        shown = found if found == MISSING else short_text(found)
+        rows.append(row(name, key, short_text(text), shown, status_of(text, found)))
     rows += [row(name, key, "", "present", UNEXPECTED) for key in actual if key not in expected]
     if [k for k in actual if k in expected] != [k for k in expected if k in actual]:
         rows.append(row(name, "key order", ",".join(map(str, expected)), ",".join(map(str, actual)), WRONG_METADATA))

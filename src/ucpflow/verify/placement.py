@@ -53,14 +53,19 @@ class Runs:
         return self.scales is not None and bool(np.any(self.scales != 1.0))
 
     def positions(self, start, count):
-        """(universal positions (DROPPED for elements left out), run index) of local elements
-        [start, start + count)."""
+        """(universal positions (DROPPED for elements left out), run index or None) of local elements
+        [start, start + count); the run index is given only when runs are scaled."""
         local = np.arange(start, start + count, dtype=np.int64)
         if self.starts.size == 1:
-            return local + self.delta[0], np.zeros(count, dtype=np.int64)
-        run = np.searchsorted(self.starts, local, side="right") - 1
-        positions = local + self.delta[run]
-        positions[self.dropped[run]] = DROPPED
+            return local + self.delta[0], (np.zeros(count, dtype=np.int64) if self.scaled else None)
+        first = max(int(np.searchsorted(self.starts, start, side="right")) - 1, 0)
+        stop = int(np.searchsorted(self.starts, start + count, side="left"))
+        bounds = np.clip(self.starts[first:stop], start, start + count)
+        lengths = np.diff(np.append(bounds, start + count))
+        positions = local + np.repeat(self.delta[first:stop], lengths)
+        if self.dropped[first:stop].any():
+            positions[np.repeat(self.dropped[first:stop], lengths)] = DROPPED
+        run = np.repeat(np.arange(first, stop), lengths) if self.scaled else None
         return positions, run
 
 
@@ -166,28 +171,43 @@ def _sub_params(rule, info, shapes, tp_degree, name):
         rank_shape = list(logical)
         rank_shape[dim] = offsets[tp]
         if math.prod(rank_shape) != math.prod(shapes[tp] or (0,)):
-            raise CheckpointError(f"tp rank {tp} of {name} has shape {shapes[tp]}, not the {tuple(rank_shape)} its sub-parameter widths describe.")
+            raise CheckpointError(
+                f"tp rank {tp} of {name} has shape {shapes[tp]}, not the {tuple(rank_shape)} its sub-parameter widths give."
+            )
         runs[tp] = axis_runs(rank_shape, dim, segments[tp], logical[dim])
-    text = structure_text(ptfile.opaque_instance(*SUBPARAM_SHAPE_CLASS, {"patterns": patterns, "shape": written, "partition_dim": dim}))
+    written = {"patterns": patterns, "shape": written, "partition_dim": dim}
+    text = structure_text(ptfile.opaque_instance(*SUBPARAM_SHAPE_CLASS, written))
     return runs, tuple(logical), text
+
+
+def _piece_runs(piece):
+    """(shard starts, full-tensor starts) of the runs of one affine piece: one per row when both sides
+    are contiguous along the last dimension, else one per element."""
+    shape = tuple(piece["shape"])
+    (source, source_strides), (dest, dest_strides) = piece["source"], piece["dest"]
+    if shape and source_strides[-1] == 1 and dest_strides[-1] == 1:
+        shape, source_strides, dest_strides = shape[:-1], source_strides[:-1], dest_strides[:-1]
+    if not shape:
+        return np.array([dest], dtype=np.int64), np.array([source], dtype=np.int64)
+    grid = np.indices(shape, dtype=np.int64).reshape(len(shape), -1)
+    local = dest + np.tensordot(np.asarray(dest_strides, dtype=np.int64), grid, axes=1)
+    return local, source + np.tensordot(np.asarray(source_strides, dtype=np.int64), grid, axes=1)
 
 
 def _affine(rule, info, state, name):
     """Runs and universal shape from an AutoTP affine map: each piece's elements, walked in the shard
-    (dest offset and strides) and in the full tensor (source offset and strides)."""
+    (dest offset and strides) and in the full tensor (source offset and strides), as
+    ParamAffineMap.rebuild copies them (a replicated piece from the first rank that holds it)."""
     entry = info[C.AFFINE_MAP][C.AFFINE_MAP_PARAMS][rule.pattern]
     power = {"fp32": 1, "exp_avg": -1, "exp_avg_sq": -2}[state]  # affine.SCALE_POWER_BY_STATE
     runs, written = {}, set()
     for rank, value in entry["ranks"].items():
         starts, targets, scales = [], [], []
         for piece in value["pieces"]:
-            shape = tuple(piece["shape"])
-            if math.prod(shape) == 0:
+            if math.prod(piece["shape"]) == 0:
                 continue
-            (source, source_strides), (dest, dest_strides) = piece["source"], piece["dest"]
-            grid = np.indices(shape, dtype=np.int64).reshape(len(shape), -1) if shape else np.zeros((0, 1), np.int64)
-            local = dest + np.tensordot(np.asarray(dest_strides, dtype=np.int64), grid, axes=1)
-            target = source + np.tensordot(np.asarray(source_strides, dtype=np.int64), grid, axes=1)
+            local, target = _piece_runs(piece)
+            source = piece["source"][0]
             if len(piece["locations"]) > 1 and source in written:
                 target = np.full_like(target, DROPPED)
             written.add(source)
