@@ -95,10 +95,11 @@ def test_affine_maps_place_elements_as_deepspeed_rebuilds_them():
         (affine.sub_param_map((16, 3), (8, 4, 4), [[5, 3], [2, 2], [1, 3]], 0), None),
         (affine.contiguous_split_map((12, 4), [7, 5], 0), 10),
         (affine.replicated_map((5, 3), 2, scale=0.3), None),
+        (affine.replicated_map((7,), 2), None),
     ]
     for affine_map, vocab in maps:
         info = _affine_info(affine_map, vocab)
         shapes = [list(affine_map.shard_shapes[rank]) for rank in sorted(affine_map.shard_shapes)]
         replicated = len(affine_map.pieces_by_rank[0][0].locations) > 1
         merged, placed = _check(info, shapes, _slices(shapes, replicated))
-        assert run_sum(0, merged.T.copy()) != placed
+        assert run_sum(0, merged.reshape(-1)[::-1].copy()) != placed

@@ -57,7 +57,8 @@ class Runs:
         [start, start + count); the run index is given only when runs are scaled."""
         local = np.arange(start, start + count, dtype=np.int64)
         if self.starts.size == 1:
-            return local + self.delta[0], (np.zeros(count, dtype=np.int64) if self.scaled else None)
+            positions = np.full(count, DROPPED, dtype=np.int64) if self.dropped[0] else local + self.delta[0]
+            return positions, (np.zeros(count, dtype=np.int64) if self.scaled else None)
         first = max(int(np.searchsorted(self.starts, start, side="right")) - 1, 0)
         stop = int(np.searchsorted(self.starts, start + count, side="left"))
         bounds = np.clip(self.starts[first:stop], start, start + count)
