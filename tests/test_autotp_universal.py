@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import convert, copy_tag, ds_to_universal
 from universal_compare import compare_universal
+from verify_run import verify_conversion
 
 from ucpflow.demo.autotp.launch import resume_from_universal
 
@@ -68,6 +69,28 @@ def test_checkpoint_has_the_autotp_features_under_test(case, autotp_checkpoint):
 def test_matches_ds_to_universal(case, converted):
     ours, theirs = converted(case)
     assert compare_universal(ours, theirs, ours.parent / "latest_universal", theirs.parent / "latest_universal") == []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_verify_places_every_affine_piece(case, converted):
+    ours, theirs = converted(case)
+    [work] = (ours.parents[1] / "run" / "ucpflow-work").iterdir()
+    for output in (ours, theirs):
+        report, _, error = verify_conversion(work, output)
+        assert error is None and {row["status"] for row in report} == {"ok"}, error
+
+    # A row-parallel weight (an affine map of column blocks) with its tensor-parallel column halves exchanged.
+    param = "model.layers.0.self_attn.o_proj.weight"
+    path = theirs / "zero" / param / "fp32.pt"
+    original = torch.load(path, weights_only=False)
+    weight = original["param"]
+    half = weight.shape[1] // 2
+    torch.save({**original, "param": torch.cat([weight[:, half:], weight[:, :half]], dim=1)}, path)
+    try:
+        _, _, error = verify_conversion(work, theirs)
+    finally:
+        torch.save(original, path)
+    assert error.startswith(f"Verification failed for {param} (fp32: mismatch);")
 
 
 @pytest.mark.parametrize("case", sorted(RESUME_LAYOUTS))
