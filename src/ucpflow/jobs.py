@@ -5,7 +5,6 @@ import collections
 import csv
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -48,7 +47,9 @@ def check_output_folder(output_folder, copy_names):
 def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_state, job_bytes, min_jobs):
     from .index import build_index, layout_record
     from .plan import assign_buckets, bucket_sources
+    from .untrusted import refuse_untrusted_folder
 
+    refuse_untrusted_folder(input_folder)
     layout, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
     check_output_folder(output_folder, [Path(p).name for p in layout.copy_files])
     params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
@@ -57,8 +58,9 @@ def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_st
     record["optimizer_state_source"] = optimizer_state_source(layout)
     record["sources"] = source_kinds(layout, params)
     record["bucket_sources"] = {b: [source_name(p) for p in files] for b, files in bucket_sources(fragments, params).items()}
-    with atomic_writer(outputs["info"], "wb") as handle:
-        pickle.dump(info, handle)
+    from . import ptfile
+
+    ptfile.save(info, outputs["info"])  # read back through the restricted loader, like every input
     with atomic_writer(outputs["fragments"]) as handle:
         fragments.to_csv(handle, sep="\t", index=False)
     with atomic_writer(outputs["params"]) as handle:
@@ -72,8 +74,9 @@ def report_tables_job(layout_path, info_path, fragments_path, params_path, summa
     from .index import layout_from_record, read_index_table
     from .inspect import conversion_tables, plot_parameter_bytes, write_inspection
 
-    with open(info_path, "rb") as handle:
-        info = pickle.load(handle)
+    from .ptfile import load
+
+    info = load(info_path)
     layout = layout_from_record(load_layout(layout_path), info)
     summary, tables = conversion_tables(layout, info, read_index_table(fragments_path), read_index_table(params_path))
     write_inspection(summary, tables, Path(summary_path).parent)
@@ -114,9 +117,10 @@ def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_p
     from .merge import FragmentReader, merge_parameter
     from .patterns import classify
 
+    from .ptfile import load
+
     layout = load_layout(layout_path)
-    with open(info_path, "rb") as handle:
-        info = pickle.load(handle)
+    info = load(info_path)
     params = [row for row in read_table(params_path) if row["bucket"] == bucket]
     names = {row["param"] for row in params}
     by_param = {}
@@ -212,6 +216,9 @@ def optimizer_state_job(layout_path, output):
 
 
 def copy_model_state_job(source, output):
+    from .ptfile import load
+
+    load(source)  # the copy is verbatim: refuse a file that names a global outside the allowlist first
     copy_file(source, output)
 
 

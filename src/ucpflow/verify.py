@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,8 +398,7 @@ def _verify_bucket(task):
     from .merge import FragmentReader
 
     map_paths, output_folder, info_path, tp_degree, rows, fragments = task
-    with open(info_path, "rb") as handle:
-        info = pickle.load(handle)
+    info = ptfile.load(info_path)
     reader = FragmentReader({source: read_extraction(path) for source, path in map_paths.items()})
     universal = Universal(output_folder)
     by_param = {}
