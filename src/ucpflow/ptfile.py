@@ -649,8 +649,6 @@ class _Reader:
                 return _TENSOR_TYPE
         if (module, name) in self.rebuilders:
             return self.rebuilders[(module, name)]
-        if module.startswith("torch") and name.startswith("_rebuild"):
-            return self.unsupported(f"{module}.{name}")
         return _opaque_class(module, name)
 
     def unsupported(self, what):
