@@ -15,6 +15,7 @@ os.environ.update(
     PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_ROOT, os.getenv("PYTHONPATH")) if p)
 )
 
+from ucpflow.allowlist import configure as allow_globals
 from ucpflow.config import Settings, coerce_booleans, explain_validation_error
 from ucpflow.errors import UcpflowError
 from ucpflow.publish import incomplete_parameter_stamp
@@ -24,6 +25,8 @@ try:
     coerce_booleans(config, workflow.source_path("../schemas/config.schema.yaml"))
     validate(config, schema="../schemas/config.schema.yaml", set_default=True)
     SETTINGS = Settings.from_config(config)
+    # Every job (a fresh process, possibly on another node) reads the user's extra allowed globals from here.
+    allow_globals(config["allow_globals"])
 except WorkflowError as error:
     sys.exit(f"ucpflow error: {explain_validation_error(error)}")
 except UcpflowError as error:

@@ -16,9 +16,17 @@ import pytest
 import torch
 
 import ptfile_helpers as helpers
-from ucpflow import ptfile
+from ucpflow import allowlist, ptfile
 from ucpflow.demo.launcher import run_deepspeed
 from ucpflow.errors import CheckpointError
+
+HELPER_CLASSES = ["Fragment", "Stage", "Scaler", "Registry", "Outer", "Outer.Inner", "Sized"]
+
+
+@pytest.fixture(autouse=True)
+def allow_helper_classes(monkeypatch):
+    """The stand-in classes of ptfile_helpers are no DeepSpeed globals: allow them as a user would."""
+    monkeypatch.setenv(allowlist.ENVIRONMENT_VARIABLE, ",".join(f"ptfile_helpers.{name}" for name in HELPER_CLASSES))
 
 SRC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -652,7 +660,7 @@ def test_deepspeed_model_state_round_trip(deepspeed_checkpoint, tmp_path):
 def test_load_and_save_never_import_torch_or_deepspeed(deepspeed_checkpoint, tmp_path):
     script = textwrap.dedent("""
         import sys
-        from ucpflow import ptfile
+        from ucpflow import allowlist, ptfile
 
         for path in sys.argv[1:3]:
             checkpoint = ptfile.load(path)

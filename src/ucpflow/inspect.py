@@ -20,6 +20,7 @@ from . import ptfile
 from .errors import CheckpointError, UcpflowError
 from .layout import LAYER_FILE_PATTERN, ZERO3_RANKS_PATTERN, discover, resolve_tag_folder
 from .patterns import COLUMN_PARALLEL, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, classify
+from .untrusted import bounded_repr, refusal, scan_folder
 
 MAX_LIST_ITEMS = 8
 CONCATENATED = (COLUMN_PARALLEL, ROW_PARALLEL, TWO_SUB_PARAMS, SUB_PARAMS)
@@ -129,9 +130,13 @@ def _args_table(folder, layout):
     source = layout.model_files[0] if layout else next(iter(sorted(Path(folder).glob(f"*{C.MODEL_FILE_SUFFIX}"))), None)
     if source is None:
         return pd.DataFrame(columns=["arg", "value"])
-    args = ptfile.load(source).get("args")
+    try:
+        structure = ptfile.load(source, [])  # stand-ins are shown, never run; findings are reported elsewhere
+    except CheckpointError:
+        structure = {}
+    args = structure.get("args") if isinstance(structure, dict) else None
     values = vars(args) if hasattr(args, "__dict__") and not isinstance(args, ptfile.Opaque) else {}
-    return pd.DataFrame(sorted((k, repr(v)) for k, v in values.items()), columns=["arg", "value"])
+    return pd.DataFrame(sorted((str(k), bounded_repr(v, 400)) for k, v in values.items()), columns=["arg", "value"])
 
 
 def layout_summary(layout):
@@ -164,6 +169,10 @@ def inspect_checkpoint(input_folder, *, strict=True, inject_missing_state=False,
     from .plan import assign_buckets
 
     folder = resolve_tag_folder(input_folder)
+    findings = scan_folder(input_folder)
+    if findings:
+        problems = [f"{f.file} holds `{f.name}` at key {f.key}, a global outside ucpflow's allowlist" for f in findings]
+        return _blocked(dict(folder=str(folder)), folder, None, [refusal(findings), *problems])
     try:
         layout = discover(input_folder)
     except CheckpointError as problem:
@@ -178,7 +187,7 @@ def inspect_checkpoint(input_folder, *, strict=True, inject_missing_state=False,
 
 def _blocked(summary, folder, layout, problem):
     """(summary, tables) of a checkpoint that cannot be converted: what is known, and the problem."""
-    summary["blockers"] = [str(problem)]
+    summary["blockers"] = [str(item) for item in problem] if isinstance(problem, list) else [str(problem)]
     tables = {
         "parameters": pd.DataFrame(columns=PARAMETER_COLUMNS),
         "files": files_table(folder, layout),
@@ -292,11 +301,7 @@ def describe(obj, indent="", out=None):
 def _leaf(value):
     if isinstance(value, ptfile.TensorRef):
         return f"tensor {value.dtype} {list(value.shape)}"
-    if isinstance(value, ptfile.Opaque):
-        text = repr(value)
-        return text if len(text) <= 120 else text[:117] + "..."
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
+    return bounded_repr(value, 120)
 
 
 def main(argv=None):
@@ -308,8 +313,11 @@ def main(argv=None):
             summary, _ = inspect_checkpoint(args.path)
             print(summary_text(summary))
             return 1 if summary["blockers"] else 0
-        print("\n".join(describe(ptfile.load(args.path))))
-        return 0
+        findings = []
+        print("\n".join(describe(ptfile.load(args.path, findings))))
+        if findings:
+            print(f"ucpflow error: {refusal(findings)}", file=sys.stderr)
+        return 1 if findings else 0
     except UcpflowError as error:
         print(f"ucpflow error: {error}", file=sys.stderr)
         return 1

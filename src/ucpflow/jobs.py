@@ -5,7 +5,6 @@ import collections
 import csv
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -47,9 +46,11 @@ def check_output_folder(output_folder):
 def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_state, job_bytes, min_jobs):
     from .index import build_index, layout_record
     from .plan import assign_buckets, bucket_sources
+    from .untrusted import refuse_untrusted_folder
 
     retract_latest_universal(output_folder)
     remove_other_derivations(Path(outputs["layout"]).parent.parent)
+    refuse_untrusted_folder(input_folder)
     layout, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
     check_output_folder(output_folder)
     params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
@@ -58,8 +59,9 @@ def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_st
     record["optimizer_state_source"] = optimizer_state_source(layout)
     record["sources"] = source_kinds(layout, params)
     record["bucket_sources"] = {b: [source_name(p) for p in files] for b, files in bucket_sources(fragments, params).items()}
-    with atomic_writer(outputs["info"], "wb") as handle:
-        pickle.dump(info, handle)
+    from . import ptfile
+
+    ptfile.save(info, outputs["info"])  # read back through the restricted loader, like every input
     with atomic_writer(outputs["fragments"]) as handle:
         fragments.to_csv(handle, sep="\t", index=False)
     with atomic_writer(outputs["params"]) as handle:
@@ -153,8 +155,10 @@ class BucketMerger:
 
 
 def load_universal_info(path):
-    with open(path, "rb") as handle:
-        return pickle.load(handle)
+    """The index's universal_checkpoint_info, read through the restricted loader like every input."""
+    from .ptfile import load
+
+    return load(path)
 
 
 def merge_job(bucket, layout_path, fragments_path, params_path, info_path, map_paths, staging, output_folder):
@@ -240,6 +244,9 @@ def optimizer_state_job(layout_path, output):
 
 def copy_model_state_job(source, output, output_folder):
     retract_latest_universal(output_folder)
+    from .ptfile import load
+
+    load(source)  # the copy is verbatim: refuse a file that names a global outside the allowlist first
     copy_file(source, output)
 
 

@@ -7,10 +7,13 @@ module parses the zip directory and unpickles `data.pkl` into light stand-ins:
 * tensors and `nn.Parameter`s become `TensorRef` (dtype, shape, strides and the absolute file
   offset of their bytes); their data is read on request with positioned reads;
 * `torch.Size`, torch dtypes and `torch.device` become `Size`, `DType` and `Device`;
-* a short list of harmless stdlib and numpy globals is imported for real;
+* a short list of harmless stdlib and numpy globals is imported for real (allowlist.real_callables);
 * every other global (DeepSpeed classes, enums, dataclasses, ...) becomes an `Opaque` stand-in
   that remembers how the pickle built it, so `save` can emit the same global again and
-  `torch.load` rebuilds the real object.
+  `torch.load` rebuilds the real object;
+* nothing a pickle names is ever run: a file naming a global outside the allowlist (allowlist.py)
+  is refused, and so is a data.pkl that would make the unpickler allocate more than its size
+  (untrusted.py). `save` writes no global outside the allowlist either.
 
 `save` writes the same zip layout as `torch.save` (records aligned to 64 bytes, CRC-32 checked,
 zip64 when needed), streaming tensor bytes from their source files or from numpy arrays.
@@ -41,12 +44,8 @@ try:  # ISA-L's CRC32 is an order of magnitude faster than zlib's, with the same
 except ImportError:
     from zlib import crc32
 
+from . import allowlist, untrusted
 from .errors import CheckpointError
-
-try:  # numpy >= 2 moved numpy.core to numpy._core; old pickles still name numpy.core
-    from numpy._core import multiarray as _np_multiarray
-except ImportError:  # pragma: no cover - numpy 1.x
-    from numpy.core import multiarray as _np_multiarray
 
 __all__ = [
     "ArrayTensor",
@@ -540,32 +539,7 @@ def _pickled_getattr(target, name):
 # Reading
 
 
-def _safe_globals():
-    builtin_types = "set frozenset slice range complex bytearray bytes str int float bool list dict tuple object"
-    table = {("builtins", name): getattr(builtins, name) for name in builtin_types.split()}
-    for name in ("OrderedDict", "defaultdict", "deque", "Counter"):
-        table[("collections", name)] = getattr(collections, name)
-    table[("argparse", "Namespace")] = argparse.Namespace
-    table[("copyreg", "_reconstructor")] = copyreg._reconstructor
-    table[("_codecs", "encode")] = codecs.encode  # protocol 2 pickles bytes through it
-    for name in ("datetime", "date", "time", "timedelta", "timezone"):
-        table[("datetime", name)] = getattr(datetime, name)
-    for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"):
-        table[("pathlib", name)] = getattr(pathlib, name)
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        table[(module, "_reconstruct")] = _np_multiarray._reconstruct
-        table[(module, "scalar")] = _np_multiarray.scalar
-    table[("numpy", "ndarray")] = np.ndarray
-    table[("numpy", "dtype")] = np.dtype
-    from numpy.random import _pickle as np_random_pickle
-
-    for name in ("__randomstate_ctor", "__bit_generator_ctor", "__generator_ctor"):
-        if hasattr(np_random_pickle, name):
-            table[("numpy.random._pickle", name)] = getattr(np_random_pickle, name)
-    return table
-
-
-_SAFE_GLOBALS = _safe_globals()
+_SAFE_GLOBALS = allowlist.real_callables()  # the only globals imported for real
 _TENSOR_TYPE = object()  # what `torch.Tensor` resolves to; only meaningful in _rebuild_from_type_v2
 
 
@@ -587,6 +561,7 @@ class _Reader:
         self.file_size = os.fstat(fd).st_size
         self.records = records  # record name without the archive prefix -> ZipInfo
         self.storages = {}
+        self.untrusted = {}  # globals outside the allowlist that the pickle names, in order
         self.rebuilders = {
             ("torch._utils", "_rebuild_tensor"): self.rebuild_tensor,
             ("torch._utils", "_rebuild_tensor_v2"): self.rebuild_tensor_v2,
@@ -610,11 +585,38 @@ class _Reader:
                 return reader.persistent_load(pid)
 
         try:
-            return Unpickler(io.BytesIO(data)).load()
-        except CheckpointError:
-            raise
+            with untrusted.memory_cap(len(data)):
+                result = Unpickler(io.BytesIO(data)).load()
         except Exception as exc:
+            if self.untrusted:  # whatever else went wrong, name the globals the pickle plants
+                findings = [untrusted.Finding(self.path, "(unpickling stopped)", name) for name in self.untrusted]
+                raise UntrustedGlobalError(findings) from None
+            if isinstance(exc, CheckpointError):
+                raise
+            if isinstance(exc, MemoryError):
+                raise self.error(
+                    f"is refused: unpickling its {len(data)}-byte data.pkl asks for more memory than any checkpoint "
+                    "needs"
+                ) from None
+            if isinstance(exc, allowlist.LimitError):
+                raise self.error(f"is refused: its data.pkl asks for {exc}, more than any checkpoint needs") from None
             raise self.error(f"has a data.pkl that cannot be unpickled ({type(exc).__name__}: {exc})") from None
+        found, problem = untrusted.check_structure(result, self.untrusted)
+        if problem:
+            raise self.error(f"is refused: its data.pkl holds {problem}")
+        unreferenced = "(none: built and dropped while unpickling)"
+        findings = [untrusted.Finding(self.path, found.get(name, unreferenced), name) for name in self.untrusted]
+        return result, findings
+
+    def pickled_getattr(self, target, name):
+        """`getattr` as protocol-2 pickles use it to name nested classes; never runs on real objects."""
+        if not isinstance(target, _OpaqueClass):  # getattr on a real object: the start of a chain to os.system
+            self.untrusted.setdefault("builtins.getattr")
+            return _opaque_class("builtins", "getattr")
+        result = _pickled_getattr(target, name)
+        if not allowlist.is_allowed(untrusted.global_name(result)):
+            self.untrusted.setdefault(untrusted.global_name(result))
+        return result
 
     def find_class(self, module, name):
         # Protocol 2 pickles name Python 3 builtins by their Python 2 names (`__builtin__.bytes`).
@@ -623,10 +625,15 @@ class _Reader:
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if module == "torch.tensor":  # renamed in torch 1.8; torch.load maps it the same way
             module = "torch._tensor"
+        if (module, name) == ("builtins", "getattr"):
+            return self.pickled_getattr
+        if module.startswith("torch") and name.startswith("_rebuild") and (module, name) not in self.rebuilders:
+            return self.unsupported(f"{module}.{name}")  # torch's own kinds of tensor: refused, never run
+        if not allowlist.is_allowed(f"{module}.{name}"):
+            self.untrusted.setdefault(f"{module}.{name}")
+            return _opaque_class(module, name)
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[(module, name)]
-        if (module, name) == ("builtins", "getattr"):
-            return _pickled_getattr
         if module == "torch" or module == "torch.storage":
             if name in _DTYPES or name in _DTYPE_ALIASES:
                 return DType(_DTYPE_ALIASES.get(name, name))
@@ -642,8 +649,6 @@ class _Reader:
                 return _TENSOR_TYPE
         if (module, name) in self.rebuilders:
             return self.rebuilders[(module, name)]
-        if module.startswith("torch") and name.startswith("_rebuild"):
-            return self.unsupported(f"{module}.{name}")
         return _opaque_class(module, name)
 
     def unsupported(self, what):
@@ -693,6 +698,11 @@ class _Reader:
         if not isinstance(storage, StorageRef):
             raise self.error(f"has a tensor whose storage is a {type(storage).__name__}, which ucpflow cannot read")
         tensor = TensorRef(storage, dtype, size, stride, storage_offset, bool(requires_grad), metadata=metadata or None)
+        if tensor.nbytes > max(self.file_size, 1 << 20):
+            raise self.error(
+                f"is refused: it has a tensor of shape {tensor.shape} ({tensor.nbytes} bytes), larger than the whole "
+                f"{self.file_size}-byte file"
+            )
         if tensor.numel:
             last = storage_offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride))
             if (last + 1) * tensor.itemsize > storage.nbytes or storage_offset < 0:
@@ -739,11 +749,21 @@ def _open_error(path, exc):
     return CheckpointError(f"Checkpoint file {path} cannot be read: {exc.strerror or exc}.")
 
 
-def load(path):
+class UntrustedGlobalError(CheckpointError):
+    """A checkpoint names globals outside the allowlist (`findings`: file, key path, global)."""
+
+    def __init__(self, findings):
+        super().__init__(untrusted.refusal(findings))
+        self.findings = findings
+
+
+def load(path, findings=None):
     """The object pickled in checkpoint `path`, with tensors as `TensorRef` (no tensor data is read).
 
     Raises CheckpointError when the file is missing, not a PyTorch zip checkpoint, truncated,
-    in the legacy pre-1.6 format, or inconsistent with its own records.
+    in the legacy pre-1.6 format, inconsistent with its own records or beyond the resource limits,
+    and UntrustedGlobalError when it names a global outside the allowlist — unless `findings` is a
+    list, which then receives them (untrusted.Finding) while the stand-ins are returned.
     """
     path = os.fspath(path)
     try:
@@ -770,14 +790,35 @@ def load(path):
         records = {info.filename[len(prefix) :]: info for info in infos if info.filename.startswith(prefix)}
         if "data.pkl" not in records:
             raise CheckpointError(f"Checkpoint file {path} has no data.pkl record, so torch.save did not write it.")
+        file_size = os.fstat(file.fileno()).st_size
         byteorder = records.get("byteorder")
-        if byteorder is not None and zip_file.read(byteorder) != b"little":
+        if byteorder is not None and _read_record(path, zip_file, byteorder, file_size) != b"little":
             raise CheckpointError(f"Checkpoint file {path} was saved big-endian, which ucpflow cannot read.")
-        try:
-            data = zip_file.read(records["data.pkl"])
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise CheckpointError(f"Checkpoint file {path} has a damaged data.pkl record ({exc}).") from None
-        return _Reader(path, file.fileno(), records).unpickle(data)
+        data = _read_record(path, zip_file, records["data.pkl"], file_size)
+        result, found = _Reader(path, file.fileno(), records).unpickle(data)
+    if found and findings is None:
+        raise UntrustedGlobalError(found)
+    if findings is not None:
+        findings.extend(found)
+    return result
+
+
+def _read_record(path, zip_file, info, file_size):
+    """A small record's bytes, refusing what no torch.save writes: compressed records (a decompression bomb
+    would expand without bound) and sizes beyond the file's."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(
+            f"Checkpoint file {path} is refused: its record {info.filename} is compressed, which torch.save never does."
+        )
+    if info.file_size > file_size:
+        raise CheckpointError(
+            f"Checkpoint file {path} is refused: its record {info.filename} claims {info.file_size} bytes, "
+            f"more than the file's {file_size}."
+        )
+    try:
+        return zip_file.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"Checkpoint file {path} has a damaged {info.filename} record ({exc}).") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -875,6 +916,14 @@ class _ZipWriter:
         return f"{int.from_bytes(names, 'little'):020d}{int.from_bytes(crcs, 'little'):020d}"
 
 
+def _check_writable(module, name):
+    if not allowlist.is_allowed(f"{module}.{name}"):
+        raise CheckpointError(
+            f"ucpflow refuses to write the global `{module}.{name}`, which is outside its allowlist "
+            "(torch.load would import and run it)."
+        )
+
+
 class _GlobalName:
     """A module-level name for the pickler to emit as GLOBAL without importing it."""
 
@@ -949,8 +998,17 @@ class _Pickler(pickle._Pickler):
         return self.global_names[key]
 
     def write_global(self, module, name, obj):
+        _check_writable(module, name)
         self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode("utf-8"))
         self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        # real objects (numpy arrays, OrderedDicts, ...) name their classes and helpers here; getattr
+        # only names the nested classes that save_opaque_class checked
+        if obj is not getattr:
+            module = getattr(obj, "__module__", None) or pickle.whichmodule(obj, name or obj.__qualname__)
+            _check_writable(module, name or getattr(obj, "__qualname__", obj.__name__))
+        super().save_global(obj, name)
 
     def save_global_name(self, obj):
         self.write_global(obj.module, obj.name, obj)
@@ -1184,3 +1242,6 @@ def save(obj, path, atomic=True):
         except FileNotFoundError:
             pass
         raise
+
+
+untrusted.register_leaves(TensorRef, StorageRef, DType, Size, Device, ArrayTensor)

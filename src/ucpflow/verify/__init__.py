@@ -15,7 +15,7 @@ every rank's optimizer partitions, at its position:
   latest_universal, and no file beside them.
 """
 
-import pickle
+from .. import ptfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -36,8 +36,7 @@ def _verify_bucket(task):
     from .parameters import Universal
 
     map_paths, output_folder, info_path, tp_degree, rows, fragments = task
-    with open(info_path, "rb") as handle:
-        info = pickle.load(handle)
+    info = ptfile.load(info_path)
     reader = FragmentReader({source: read_extraction(path) for source, path in map_paths.items()})
     universal = Universal(str(output_folder))
     by_param = {}
