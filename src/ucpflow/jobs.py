@@ -45,11 +45,13 @@ def check_output_folder(output_folder, copy_names):
             )
 
 
-def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_state, job_bytes, min_jobs):
+def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_state, job_bytes, min_jobs,
+              model_config=None):
     from .index import build_index, layout_record
     from .plan import assign_buckets, bucket_sources
 
-    layout, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
+    layout, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state,
+                                                  model_config=model_config)
     check_output_folder(output_folder, [Path(p).name for p in layout.copy_files])
     params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
     record = layout_record(layout, outputs["info"])
