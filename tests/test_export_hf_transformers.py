@@ -136,3 +136,39 @@ def test_autotp_checkpoint_with_the_config_given_by_hf_config(autotp_checkpoint,
     for name, tensor in ours.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, reference[name].to(torch.bfloat16)), name
     check_loads_and_matches(tmp_path / "hf", {name: tensor.float() for name, tensor in ours.items()})
+
+
+def test_the_model_config_is_found_beside_or_above_the_tag_folder_or_named(tmp_path):
+    from ucpflow.errors import UcpflowError
+    from ucpflow.hfconfig import find_model_config
+
+    tag = tmp_path / "out" / "checkpoint-4" / "global_step4"
+    tag.mkdir(parents=True)
+    assert find_model_config(tag) is None
+    (tmp_path / "out" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert find_model_config(tag) == tmp_path / "out"
+    (tag.parent / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert find_model_config(tag) == tag.parent
+    assert find_model_config(tag, tmp_path / "out" / "config.json") == tmp_path / "out"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"train_batch_size": 8}))  # a DeepSpeed config
+    with pytest.raises(UcpflowError, match="hf_config.*is not a transformers model config"):
+        find_model_config(tag, tmp_path / "other")
+
+
+def test_safetensors_written_tensor_by_tensor_read_back_as_torch_casts_them(tmp_path):
+    from safetensors.torch import load_file
+
+    from ucpflow.export.safetensors_out import write_safetensors
+
+    values = {"b.weight": torch.randn(3, 5) * 1e3, "a.bias": torch.randn(7), "c.idx": torch.arange(6).reshape(2, 3),
+              "d.huge": torch.tensor([1e6, -7e4, 3.3])}
+    dtypes = {"b.weight": "bfloat16", "a.bias": "float32", "c.idx": "int64", "d.huge": "float16"}
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, {name: (dtypes[name], list(values[name].shape)) for name in values},
+                      lambda name: values[name].numpy(), metadata={"format": "pt"})
+    loaded = load_file(path)
+    assert sorted(loaded) == sorted(values)
+    for name, tensor in values.items():
+        assert torch.equal(loaded[name], tensor.to(getattr(torch, dtypes[name]))), name
+    assert not list(tmp_path.glob(".*partial*"))
