@@ -1,5 +1,5 @@
 # Exports of the universal checkpoint: `snakemake megatron` (a Megatron-LM checkpoint at target_tp x
-# target_pp) and `snakemake hf` (a transformers GPT-2 model folder). A plan checkpoint decides what each
+# target_pp) and `snakemake hf` (a transformers model folder). A plan checkpoint decides what each
 # output file holds; one job writes each file; a finalize job writes the file that marks completion.
 
 
@@ -68,8 +68,9 @@ rule megatron:
 
 
 checkpoint export_hf_plan:
-    """Decide the GPT-2 config, tensor names and safetensors files; check the model is GPT-2-style."""
+    """Decide the config, tensor names and safetensors files of a transformers model or a GPT-2-style Megatron one."""
     input:
+        layout=rules.index.output.layout,
         params=rules.index.output.params,
         universal=universal_outputs,
         model_state=universal_model_state,
@@ -83,6 +84,9 @@ checkpoint export_hf_plan:
         universal_folder=OUT,
         hf_folder=HF_FOLDER,
         max_shard_size=config["hf_max_shard_size"],
+        hf_config=config["hf_config"],
+        hf_dtype=config["hf_dtype"],
+        exclude_frozen=config["hf_exclude_frozen"],
     script:
         "../scripts/export_hf_plan.py"
 

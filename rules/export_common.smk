@@ -48,7 +48,9 @@ def megatron_shards(wildcards):
 def hf_shard_weights(wildcards):
     plan = hf_plan()
     names = plan["shards"].get(wildcards.stem, [])
-    return universal_weights(plan["tensors"][name]["param"] for name in names)
+    # Tensors of a transformers model's export may come from the model-states files instead (no param).
+    params = (plan["tensors"][name].get("param") for name in names)
+    return universal_weights(param for param in params if param)
 
 
 def hf_files(wildcards):

@@ -18,6 +18,7 @@ checkpoint index:
         output_folder=OUT,
         strict=config["strict"],
         inject_missing_state=config["inject_missing_state"],
+        hf_config=config["hf_config"],
         merge_job_bytes=config["merge_job_bytes"],
         merge_min_jobs=config["merge_min_jobs"],
     script:

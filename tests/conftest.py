@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from ucpflow.demo.autotp import launch as autotp_launch  # noqa: E402
+from ucpflow.demo.hftrainer import launch as hftrainer_launch  # noqa: E402
 from ucpflow.demo.megatron import launch as megatron_launch  # noqa: E402
 from ucpflow.demo.launch import build_checkpoint  # noqa: E402
 
@@ -39,7 +40,10 @@ def cached_builder(cache, prefix, build_checkpoint_function):
             shutil.rmtree(save_dir, ignore_errors=True)
             build_checkpoint_function(save_dir, timeout=900, **options)
             done.write_text("ok")
-        return save_dir / (save_dir / "latest").read_text().strip()
+        latest = save_dir / "latest"
+        if not latest.is_file():  # the HF Trainer's layout: save_dir/checkpoint-N/latest
+            latest = next(save_dir.glob("checkpoint-*/latest"))
+        return latest.parent / latest.read_text().strip()
 
     return build
 
@@ -54,6 +58,13 @@ def deepspeed_checkpoint(checkpoint_cache):
 def megatron_checkpoint(checkpoint_cache):
     """build(name, tp=, pp=, dp=, **options) -> tag folder of a Megatron-DeepSpeed-shaped GPT checkpoint."""
     return cached_builder(checkpoint_cache, "megatron-", megatron_launch.build_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def trainer_checkpoint(checkpoint_cache):
+    """build(name, model=, zero_stage=, **options) -> tag folder checkpoint-N/global_stepN of a tiny transformers
+    model that DeepSpeed trained, saved as the HF Trainer saves it (config.json in checkpoint-N)."""
+    return cached_builder(checkpoint_cache, "hftrainer-", hftrainer_launch.build_checkpoint)
 
 
 @pytest.fixture(scope="session")

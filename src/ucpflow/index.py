@@ -13,12 +13,14 @@ structures of the checkpoint files and returns three tables:
 import json
 import math
 import re
+import sys
 from dataclasses import asdict, fields
 
 import pandas as pd
 
 from . import dsconst as C
 from .errors import CheckpointError
+from .hfconfig import find_model_config
 from .layout import ZERO_PARTITION_GROUPS, Layout, RankFile, discover, load_structure
 from .patterns import COLUMN_PARALLEL, classify, unused_patterns
 from .ptfile import TensorRef
@@ -210,10 +212,15 @@ def _module_fallback(layout, merged_names):
     return found
 
 
-def universal_info_for(layout, inject_missing_state):
+def universal_info_for(layout, inject_missing_state, model_config=None):
     info = layout.universal_info
     if layout.zero_stage <= 2 and info is None:
-        if not inject_missing_state:
+        transformers_config = None if inject_missing_state else find_model_config(layout.folder, model_config)
+        if transformers_config is not None:
+            notice(f"ucpflow: {layout.model_files[0]} has no `{C.UNIVERSAL_CHECKPOINT_INFO}`; the transformers model of "
+                   f"{transformers_config / 'config.json'} gets the default (data-parallel only), as with "
+                   "inject_missing_state.")
+        elif not inject_missing_state:
             raise CheckpointError(
                 f"{layout.model_files[0]} has no `{C.UNIVERSAL_CHECKPOINT_INFO}`; the training script must save it, "
                 "or set `inject_missing_state: true` to add the default (as ds_to_universal --inject_missing_state)."
@@ -227,10 +234,21 @@ def universal_info_for(layout, inject_missing_state):
     return info
 
 
-def build_index(input_folder, *, strict=True, inject_missing_state=False):
-    """Index a checkpoint: returns (layout, universal_info, fragments, params) without reading tensor data."""
+def notice(message):
+    """One line in the job's log and, when that is not the terminal, on the terminal too."""
+    print(message)
+    if sys.stdout is not sys.__stdout__ and sys.__stderr__ is not None:
+        print(message, file=sys.__stderr__)
+
+
+def build_index(input_folder, *, strict=True, inject_missing_state=False, model_config=None):
+    """Index a checkpoint: returns (layout, universal_info, fragments, params) without reading tensor data.
+
+    A checkpoint of a transformers model (its config.json beside or above the tag folder, or `model_config`)
+    saved without universal_checkpoint_info is converted as with `inject_missing_state`.
+    """
     layout = discover(input_folder)
-    info = universal_info_for(layout, inject_missing_state)
+    info = universal_info_for(layout, inject_missing_state, model_config)
     stage3_flat = layout.zero_stage > 2 and layout.tp_degree == 1
     if layout.zero_stage > 2:
         shapes_by_tp = _zero3_param_shapes(layout)

@@ -43,7 +43,8 @@ def check_output_folder(output_folder):
             )
 
 
-def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_state, job_bytes, min_jobs):
+def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_state, job_bytes, min_jobs,
+              model_config=None):
     from .index import build_index, layout_record
     from .plan import assign_buckets, bucket_sources
     from .untrusted import refuse_untrusted_folder
@@ -51,7 +52,8 @@ def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_st
     retract_latest_universal(output_folder)
     remove_other_derivations(Path(outputs["layout"]).parent.parent)
     refuse_untrusted_folder(input_folder)
-    layout, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
+    layout, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state,
+                                                  model_config=model_config)
     check_output_folder(output_folder)
     params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
     record = layout_record(layout, outputs["info"])

@@ -1,4 +1,5 @@
-"""Export of a GPT-2-style Megatron model to a transformers model folder.
+"""Export of a GPT-2-style Megatron model to a transformers model folder (and the `hf` jobs' entry points,
+which hand a transformers model's checkpoint to transformers_source).
 
     config.json                      GPT2Config with the model's sizes and activation; written last
     generation_config.json
@@ -18,6 +19,7 @@ from pathlib import Path
 from ..errors import UcpflowError
 from ..fileio import write_text
 from . import tensors as T
+from . import transformers_source as TS
 from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
 
 CONFIG_FILE = "config.json"
@@ -189,11 +191,12 @@ def shard_stems(count):
     return [f"{SINGLE_FILE_STEM}-{i + 1:05d}-of-{count:05d}" for i in range(count)]
 
 
-def hf_plan(source, universal_folder, max_shard_size):
+def hf_plan(source, universal_folder, max_shard_size, dtype=None):
     check_gpt2(source)
+    dtype = dtype or source.dtype
     tensors = dict(sorted(gpt2_tensors(source).items(), key=lambda item: save_order(item[0])))
     numel = {name: math.prod(weight.shape) for name, (weight, _) in tensors.items()}
-    sizes = {name: count * ITEM_BYTES[source.dtype] for name, count in numel.items()}
+    sizes = {name: count * ITEM_BYTES[dtype] for name, count in numel.items()}
     file_tensors = split_into_shards(sizes, parse_size(max_shard_size))
     shards = dict(zip(shard_stems(len(file_tensors)), file_tensors))
     index = None
@@ -201,9 +204,9 @@ def hf_plan(source, universal_folder, max_shard_size):
         weight_map = {name: f"{stem}.safetensors" for stem, names in shards.items() for name in names}
         index = {"metadata": {"total_parameters": sum(numel.values()), "total_size": sum(sizes.values())},
                  "weight_map": weight_map}
-    config = gpt2_config(source)
+    config = {**gpt2_config(source), "dtype": TORCH_DTYPES[dtype]}
     return {
-        "dtype": source.dtype,
+        "dtype": dtype,
         "heads": source.heads,
         "kv_heads": source.kv_heads,
         "head_dim": source.head_dim,
@@ -230,15 +233,24 @@ def check_hf_folder(folder, plan):
                            "choose another hf_folder.")
 
 
-def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_shard_size, output):
+def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_shard_size, output, *, layout_path,
+                hf_config="", hf_dtype="", exclude_frozen=False):
+    """The plan of a transformers model's export (its config.json found beside or above the tag folder, or
+    given as hf_config), else of a Megatron GPT model's."""
     from .source import load_source
 
-    source = load_source(params_path, universal_folder, model_state_path)
-    plan = hf_plan(source, universal_folder, max_shard_size)
+    tag_folder = json.loads(Path(layout_path).read_text())["folder"]
+    config_folder = TS.model_config_folder(tag_folder, hf_config, model_state_path)
+    if config_folder is not None:
+        plan = TS.plan_job(config_folder, layout_path, params_path, universal_folder, hf_dtype, exclude_frozen,
+                           max_shard_size)
+    else:
+        source = load_source(params_path, universal_folder, model_state_path)
+        plan = hf_plan(source, universal_folder, max_shard_size, None if hf_dtype in ("", "auto") else hf_dtype)
+        print(f"GPT-2 model: {source.num_layers} layers, hidden {source.hidden}, vocabulary {source.vocab}, "
+              f"{plan['config']['activation_function']}, {plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
     check_hf_folder(hf_folder, plan)
     write_text(output, json.dumps(plan, indent=1))
-    print(f"GPT-2 model: {source.num_layers} layers, hidden {source.hidden}, vocabulary {source.vocab}, "
-          f"{plan['config']['activation_function']}, {plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
 
 
 def gpt2_array(plan, spec):
@@ -259,6 +271,8 @@ def hf_shard_job(plan_path, stem, output):
     plan = load_plan(plan_path)
     if stem not in plan["shards"]:
         raise UcpflowError(f"{stem}.safetensors is not a file of the planned export ({', '.join(plan['shards'])}).")
+    if TS.is_transformers_plan(plan):
+        return TS.shard_job(plan, stem, output)
     dtype = getattr(torch, TORCH_DTYPES[plan["dtype"]])
     tensors = {name: torch.from_numpy(np.ascontiguousarray(gpt2_array(plan, plan["tensors"][name]))).to(dtype)
                for name in plan["shards"][stem]}
@@ -275,5 +289,7 @@ def hf_index_job(plan_path, output):
 def hf_finalize_job(plan_path, generation_config_output, config_output):
     """generation_config.json, then config.json last: transformers finds a model only once it is complete."""
     plan = load_plan(plan_path)
+    if TS.is_transformers_plan(plan):
+        return TS.finalize_job(plan, generation_config_output, config_output)
     write_text(generation_config_output, json.dumps(plan["generation_config"], indent=2, sort_keys=True) + "\n")
     write_text(config_output, json.dumps(plan["config"], indent=2, sort_keys=True) + "\n")

@@ -173,7 +173,8 @@ def load_source(params_path, universal_folder, model_state_path):
     args = state.get("args") if isinstance(state, dict) else None
     if args is None or not hasattr(args, "num_layers"):
         raise CheckpointError(f"{model_state_path} holds no Megatron `args` (num_layers, hidden_size, ...), so the "
-                              "checkpoint is not from a Megatron GPT model.")
+                              "checkpoint is not from a Megatron GPT model, and no transformers config.json is beside or above it "
+                              "(config key hf_config names one).")
     params = read_index_table(params_path)
     roles = classify_parameters(params["param"])
     weights = []

@@ -1,0 +1,69 @@
+"""A safetensors file written one tensor at a time, so that memory holds one tensor, not the whole file.
+
+The header (names, dtypes, shapes, offsets) is known before any data is read; tensors are laid out as the
+safetensors library lays them out (larger items first, then by name).
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+from ..fileio import atomic_writer
+from ..ptfile import float32_to_bfloat16_bits
+
+# torch dtype name -> (safetensors dtype, bytes per element)
+DTYPES = {"float64": ("F64", 8), "float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2),
+          "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1), "uint8": ("U8", 1),
+          "bool": ("BOOL", 1)}
+FLOATS = ("float64", "float32", "bfloat16", "float16")
+
+
+def tensor_bytes(dtype, shape):
+    return math.prod(shape) * DTYPES[dtype][1]
+
+
+def encode(array, dtype):
+    """The little-endian bytes of a numpy array stored as torch dtype `dtype` (floats rounded as torch rounds)."""
+    if dtype not in FLOATS:
+        return np.ascontiguousarray(array).astype(np.dtype(array.dtype).newbyteorder("<"), copy=False)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if dtype == "bfloat16":
+        return float32_to_bfloat16_bits(array)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):  # beyond fp16's range becomes inf, as in torch
+            return array.astype("<f2")
+    return array.astype("<f8") if dtype == "float64" else array
+
+
+def readable(handle):
+    """Give a file being written the permissions of a plain open() (mkstemp's are owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle.fileno(), 0o666 & ~umask)
+
+
+def write_safetensors(path, tensors, read, metadata=None):
+    """Write `tensors` ({name: (dtype, shape)}) to `path`; read(name) gives each one's values as a numpy array."""
+    order = sorted(tensors, key=lambda name: (-DTYPES[tensors[name][0]][1], name))
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name in order:
+        dtype, shape = tensors[name]
+        size = tensor_bytes(dtype, shape)
+        header[name] = {"dtype": DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_writer(path, "wb") as handle:
+        readable(handle)
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for name in order:
+            dtype, shape = tensors[name]
+            data = encode(read(name), dtype)
+            if data.size != math.prod(shape):
+                raise ValueError(f"{name}: {data.size} elements, not {math.prod(shape)} of shape {shape}")
+            handle.write(data.tobytes())

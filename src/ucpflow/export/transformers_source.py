@@ -1,0 +1,213 @@
+"""Export of a transformers model trained with DeepSpeed (HF Trainer, Accelerate: DP-only ZeRO-1/2/3 or AutoTP)
+to a transformers model folder, as `save_pretrained` writes it:
+
+    config.json                      the checkpoint's model config with the exported dtype; written last
+    generation_config.json           the checkpoint's, or the one transformers derives from the config
+    tokenizer files                  copied when the config's folder holds them
+    model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+
+The plan job builds the model on the meta device from its config, so the tensors saved, their order, the
+tied weights left out and the sharding are transformers' own. Each tensor comes from the universal
+checkpoint (`zero/<param>/fp32.pt`), or, for what the universal conversion leaves out at ZeRO-3 (frozen
+parameters, buffers), from the checkpoint's model-states files. Shard jobs import neither torch nor
+transformers and hold one tensor at a time.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import ptfile
+from ..errors import CheckpointError, UcpflowError
+from ..fileio import atomic_writer, copy_file
+from ..hfconfig import CONFIG_FILE, find_model_config
+from .safetensors_out import FLOATS, readable, write_safetensors
+from .source import read_full
+
+SOURCE = "transformers"
+FORMAT_MODULE = "module"  # index.FORMAT_MODULE: a universal fp32.pt from the model weights (frozen, buffers)
+GENERATION_CONFIG_FILE = "generation_config.json"
+OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
+UNIVERSAL, FRAGMENTS, MODULE = "universal", "fragments", "module"
+
+
+def model_config_folder(tag_folder, explicit, model_state_path):
+    """The folder of the transformers config.json to export with, or None for a Megatron GPT checkpoint."""
+    if explicit:
+        return find_model_config(tag_folder, explicit)
+    state = ptfile.load(model_state_path)
+    if hasattr(state.get("args") if isinstance(state, dict) else None, "num_layers"):
+        return None
+    return find_model_config(tag_folder)
+
+
+def float_array(tensor):
+    """A checkpoint tensor's values as numpy (floats as float32; bfloat16 read from its bits)."""
+    array = tensor.read_array()
+    if tensor.dtype == "bfloat16":
+        return ptfile.bfloat16_bits_to_float32(array)
+    return array.astype(np.float32) if tensor.dtype in FLOATS else array
+
+
+def checkpoint_tensors(layout, params, universal_folder):
+    """({name: source}, frozen names, {name: shared with}) of every tensor the checkpoint holds."""
+    state = ptfile.load(layout["model_files"][0])
+    buffers = set(state.get("buffer_names") or ())
+    frozen_shapes = state.get("frozen_param_shapes") or {}
+    sources = {row.param: {"kind": UNIVERSAL, "param": row.param} for row in params.itertuples(index=False)}
+    frozen = set(frozen_shapes) | {row.param for row in params.itertuples(index=False)
+                                   if row.format == FORMAT_MODULE and row.param not in buffers}
+    if layout["zero_stage"] > 2:
+        if frozen_shapes and layout["tp_degree"] > 1:
+            raise CheckpointError(f"{layout['model_files'][0]} holds frozen parameters of a ZeRO-3 AutoTP model, "
+                                  "which the hf export does not support.")
+        for name, shape in frozen_shapes.items():
+            sources[name] = {"kind": FRAGMENTS, "files": layout["model_files"], "numel": math.prod(shape)}
+        for name in buffers:
+            sources[name] = {"kind": MODULE, "file": layout["model_files"][0]}
+    return sources, frozen, dict(state.get("shared_params") or {}), state
+
+
+def training_dtype(state):
+    module = state.get("module") or {}
+    for tensor in module.values():
+        if isinstance(tensor, ptfile.TensorRef) and tensor.dtype in FLOATS:
+            return tensor.dtype
+    return "float32"
+
+
+def meta_model(config):
+    """The model of `config` on the meta device (its architecture class, else AutoModelForCausalLM)."""
+    import torch
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    with torch.device("meta"):
+        if model_class is not None:
+            return model_class._from_config(config)
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def saved_state_dict(model):
+    """The tensors save_pretrained writes: the state dict without tied copies, in the order of a model that
+    from_pretrained loaded (sorted by name part by part), which decides the sharding."""
+    from .hf import save_order
+
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    if list(revert_weight_conversion(model, dict(state_dict))) != list(state_dict):
+        raise UcpflowError(f"{type(model).__name__} renames or converts its weights when saving, which the hf "
+                           "export does not support.")
+    return dict(sorted(state_dict.items(), key=lambda item: save_order(item[0])))
+
+
+def generation_config(config_folder, model, config):
+    path = Path(config_folder) / GENERATION_CONFIG_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    from transformers import GenerationConfig
+
+    return json.loads(GenerationConfig.from_model_config(config).to_json_string(use_diff=True))
+
+
+def transformers_plan(config_folder, layout, params, universal_folder, hf_dtype, exclude_frozen, max_shard_size):
+    import torch
+    import transformers
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from .hf import parse_size
+
+    config = transformers.AutoConfig.from_pretrained(config_folder)
+    sources, frozen, shared, state = checkpoint_tensors(layout, params, universal_folder)
+    dtype = training_dtype(state) if hf_dtype == "auto" else OUTPUT_DTYPES[hf_dtype or "fp32"]
+    model = meta_model(config).to(getattr(torch, dtype))
+    known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | set(model.state_dict())
+    unexpected = sorted(set(sources) - known)
+    if unexpected:
+        raise CheckpointError(f"Parameter {unexpected[0]} of the checkpoint ({len(unexpected)} in all) is not part of "
+                              f"{type(model).__name__} built from {Path(config_folder) / CONFIG_FILE}.")
+    saved = saved_state_dict(model)
+    tensors = {}
+    for name, tensor in saved.items():
+        if exclude_frozen and name in frozen:
+            continue
+        source = sources.get(name) or sources.get(shared.get(name))
+        if source is None:
+            raise CheckpointError(f"The checkpoint holds no tensor {name} of {type(model).__name__} (built from "
+                                  f"{Path(config_folder) / CONFIG_FILE}).")
+        tensors[name] = {**source, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    split = split_torch_state_dict_into_shards({name: saved[name] for name in tensors}, max_shard_size=parse_size(
+        max_shard_size), filename_pattern="model{suffix}.safetensors")
+    shards = {file.removesuffix(".safetensors"): names for file, names in split.filename_to_tensors.items()}
+    index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+             "weight_map": split.tensor_to_filename} if split.is_sharded else None
+    config.dtype = dtype
+    config.architectures = [type(model).__name__]
+    folder = Path(config_folder)
+    return {
+        "source": SOURCE,
+        "model": type(model).__name__,
+        "dtype": dtype,
+        "universal_folder": str(universal_folder),
+        "tensors": tensors,
+        "shards": shards,
+        "index": index,
+        "config": json.loads(config.to_json_string(use_diff=True)),
+        "generation_config": generation_config(folder, model, config),
+        "copy_files": [str(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()],
+    }
+
+
+def plan_job(config_folder, layout_path, params_path, universal_folder, hf_dtype, exclude_frozen, max_shard_size):
+    from ..index import read_index_table
+
+    layout = json.loads(Path(layout_path).read_text())
+    plan = transformers_plan(config_folder, layout, read_index_table(params_path), universal_folder, hf_dtype,
+                             exclude_frozen, max_shard_size)
+    print(f"{plan['model']} from {Path(config_folder) / CONFIG_FILE}: {len(plan['tensors'])} tensors, "
+          f"{plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
+    return plan
+
+
+def tensor_values(plan, spec):
+    """One planned tensor's values, of its shape, as numpy (floats as float32)."""
+    shape = spec["shape"]
+    if spec["kind"] == UNIVERSAL:
+        return read_full(plan["universal_folder"], spec["param"], shape)
+    if spec["kind"] == MODULE:
+        return float_array(ptfile.load(spec["file"])["module"][spec["name"]]).reshape(shape)
+    pieces = [float_array(ptfile.load(path)["frozen_param_fragments"][spec["name"]]).reshape(-1)
+              for path in spec["files"]]
+    return np.concatenate(pieces)[:spec["numel"]].reshape(shape)
+
+
+def shard_job(plan, stem, output):
+    names = plan["shards"][stem]
+    tensors = {name: (plan["tensors"][name]["dtype"], plan["tensors"][name]["shape"]) for name in names}
+    write_safetensors(output, tensors, lambda name: tensor_values(plan, {**plan["tensors"][name], "name": name}),
+                      metadata={"format": "pt"})
+    print(f"{output}: {len(names)} tensors")
+
+
+def finalize_job(plan, generation_config_output, config_output):
+    """Tokenizer files and generation_config.json, then config.json last."""
+    folder = Path(config_output).parent
+    for source in plan["copy_files"]:
+        copy_file(source, folder / Path(source).name)
+    for output, config in ((generation_config_output, plan["generation_config"]), (config_output, plan["config"])):
+        with atomic_writer(output) as handle:
+            readable(handle)
+            handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    print(f"{folder}: {plan['model']}, {len(plan['copy_files'])} tokenizer file(s) copied")
+
+
+def is_transformers_plan(plan):
+    return plan.get("source") == SOURCE
