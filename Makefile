@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(RUN) pytest
+
+# Under a minute: the tests that need no DeepSpeed training and no SLURM cluster.
+test-fast: $(STAMP)
+	$(RUN) pytest -m "not deepspeed and not slurm"
 
 lint: $(STAMP)
 	$(RUN) snakemake --lint

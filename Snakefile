@@ -26,6 +26,8 @@ include: "rules/verify.smk"
 rule all:
     default_target: True
     input:
+        # Every index table: a checkpoint counts as done only with all its outputs present.
+        rules.index.output,
         # Every parameter's files too, so that a deleted parameter folder is converted again.
         universal_outputs,
         SETTINGS.latest_universal,

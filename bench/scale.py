@@ -11,7 +11,6 @@ merge, publish, copy, finalize) without running the index again.
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from ucpflow import dsconst as C
+from ucpflow import ptfile
 from ucpflow.index import layout_record, shape_text
 from ucpflow.jobs import optimizer_state_source, source_kinds, source_name
 from ucpflow.layout import Layout, RankFile
@@ -169,6 +169,17 @@ def parameter_table(stages):
     return params
 
 
+def synthetic_signature(folder):
+    """The work-folder signature the workflow computes for `folder` with the schema's default config."""
+    import yaml
+
+    from ucpflow.signature import workflow_signature
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml").read_text())
+    defaults = {key: spec.get("default") for key, spec in schema["properties"].items()}
+    return workflow_signature(defaults, str(folder), builds_demo=False)
+
+
 def write_synthetic_index(root, *, job_bytes=DEFAULT_JOB_BYTES, min_jobs=DEFAULT_MIN_JOBS):
     """Placeholder checkpoint files and the index tables under `root`; returns (input, output, work) folders."""
     root = Path(root).resolve()
@@ -201,7 +212,7 @@ def write_synthetic_index(root, *, job_bytes=DEFAULT_JOB_BYTES, min_jobs=DEFAULT
     fragments = fragment_rows(folder, stages)
     params = assign_buckets(parameter_table(stages), job_bytes=job_bytes, min_jobs=min_jobs)
 
-    index = work / "index"
+    index = work / synthetic_signature(folder) / "index"
     index.mkdir(parents=True)
     outputs = {
         "layout": index / "layout.json",
@@ -216,7 +227,7 @@ def write_synthetic_index(root, *, job_bytes=DEFAULT_JOB_BYTES, min_jobs=DEFAULT
     record["bucket_sources"] = {
         b: [source_name(p) for p in files] for b, files in bucket_sources(fragments, params).items()
     }
-    outputs["info"].write_bytes(pickle.dumps(UNIVERSAL_INFO))
+    ptfile.save(UNIVERSAL_INFO, outputs["info"])
     fragments.to_csv(outputs["fragments"], sep="\t", index=False)
     params.to_csv(outputs["params"], sep="\t", index=False)
     outputs["layout"].write_text(json.dumps(record, indent=1))

@@ -19,7 +19,7 @@ from ucpflow.allowlist import configure as allow_globals
 from ucpflow.config import Settings, coerce_booleans, explain_validation_error
 from ucpflow.errors import UcpflowError
 from ucpflow.publish import incomplete_parameter_stamp
-from ucpflow.signature import input_signature
+from ucpflow.signature import workflow_signature
 
 try:
     coerce_booleans(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -35,17 +35,9 @@ except UcpflowError as error:
 STARTED = time.time()
 OUT = SETTINGS.output_folder
 WORK = SETTINGS.work_folder
-INDEX_SETTINGS = [
-    config[key]
-    for key in ("strict", "inject_missing_state", "merge_job_bytes", "merge_min_jobs")
-]
 # Everything derived from the input lives under a folder named by the input files' identity, so a
-# changed input is indexed and converted again (the demo's identity is its build settings).
-SIGNATURE = input_signature(
-    SETTINGS.input_folder if not SETTINGS.builds_demo else os.devnull,
-    *INDEX_SETTINGS,
-    *([json.dumps(config["demo"], sort_keys=True)] if SETTINGS.builds_demo else []),
-)
+# changed input is indexed and converted again.
+SIGNATURE = workflow_signature(config, SETTINGS.input_folder, SETTINGS.builds_demo)
 DERIVED = f"{WORK}/{SIGNATURE}"
 INDEX = f"{DERIVED}/index"
 LOGS = f"{WORK}/logs"
@@ -130,7 +122,9 @@ def bucket_maps(wildcards):
 def parameter_bucket(wildcards):
     bucket = bucket_of_parameter().get(wildcards.param)
     if bucket is None:
-        raise WorkflowError(f"{wildcards.param} is not a parameter of the indexed checkpoint.")
+        raise WorkflowError(
+            f"{wildcards.param} is not a parameter of the indexed checkpoint."
+        )
     return bucket
 
 
@@ -144,7 +138,8 @@ def parameter_maps(wildcards):
 
 def repair_request(wildcards):
     """A parameter folder that lost a file since it was published (fp32.pt is the declared target, the
-    other states are written beside it) asks for a new, never-seen request file, which reruns its publish."""
+    other states are written beside it) asks for a new, never-seen request file, which reruns its publish.
+    """
     stamp = incomplete_parameter_stamp(
         f"{OUT}/zero/{wildcards.param}", _parameter_files()[wildcards.param]
     )
@@ -253,7 +248,7 @@ def staging_folder(path):
 
 
 def publish_job(wildcards, input, log_path):
-    """Body of the `publish` rule (run in Snakemake's process: a fresh process per parameter costs more
+    """What a publish job does, in Snakemake's process (a fresh process per parameter would cost more
     than its work)."""
     from ucpflow.jobs import publish_job as publish
     from ucpflow.smk import run_in_process
@@ -283,4 +278,7 @@ def print_conversion_summary():
 
     path = Path(rules.finalize.output.summary)
     if path.is_file() and path.stat().st_mtime >= STARTED:
-        print(summary_line(json.loads(path.read_text()), time.time() - STARTED), file=sys.stderr)
+        print(
+            summary_line(json.loads(path.read_text()), time.time() - STARTED),
+            file=sys.stderr,
+        )

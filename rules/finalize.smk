@@ -33,7 +33,6 @@ rule copy_model_state:
         "../envs/ucpflow.yaml"
     params:
         source=model_state_source,
-        output_folder=OUT,
     script:
         "../scripts/copy_model_state.py"
 

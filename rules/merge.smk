@@ -21,8 +21,6 @@ rule merge:
     resources:
         mem_mb=merge_mem_mb,
         runtime=merge_runtime,
-    params:
-        output_folder=OUT,
     script:
         "../scripts/merge.py"
 
@@ -43,7 +41,8 @@ rule repair_request:
 
 rule publish:
     """Hard-link one parameter's merged files into OUT/zero/<param>/ (fp32.pt and the other states
-    beside it); a staged copy that lost files is merged again here. Runs in Snakemake's own process."""
+    beside it); a staged copy that lost files is merged again here. Runs in Snakemake's own process.
+    """
     input:
         staged=staged_bucket,
         layout=rules.index.output.layout,

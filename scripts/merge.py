@@ -1,5 +1,7 @@
 """Rule `merge`: merge one bucket of parameters into their universal files in the bucket's staging folder."""
 
+import os
+
 from ucpflow.jobs import merge_job
 from ucpflow.smk import run
 
@@ -13,7 +15,8 @@ def main():
         snakemake.input.info,
         list(snakemake.input.maps),
         snakemake.output.staged,
-        snakemake.params.output_folder,
+        # The staging folder is <output_folder>/tmp/<bucket>.
+        os.path.dirname(os.path.dirname(snakemake.output.staged)),
     )
     return f"merged {len(rows)} parameters"
 

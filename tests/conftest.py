@@ -19,6 +19,20 @@ from ucpflow.demo.launch import build_checkpoint  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: needs the single-node SLURM cluster (.ci/slurm-setup.sh)")
+    config.addinivalue_line("markers", "deepspeed: trains or converts a real DeepSpeed checkpoint (not in `make test-fast`)")
+
+
+# Where the checkpoints DeepSpeed trains for the tests come from: every test that needs one is slow.
+CHECKPOINT_FIXTURES = {"checkpoint_cache"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if CHECKPOINT_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.deepspeed)
+        if "slurm_cluster" in fixtures:
+            item.add_marker(pytest.mark.slurm)
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +90,7 @@ def autotp_checkpoint(checkpoint_cache):
 def snakemake(workdir, *args, config=None, check=False, timeout=900):
     """Run the ucpflow workflow in `workdir` (2 cores) and return the CompletedProcess."""
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--cores", "2", *args]
+               "--cores", "2", *args, "--quiet", "host"]
     if config:
         command += ["--config", *(f"{key}={value}" for key, value in config.items())]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

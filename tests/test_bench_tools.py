@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ucpflow.signature import derived_folder
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -188,20 +190,21 @@ def test_synthetic_bloom_index_has_the_tables_the_workflow_reads(tmp_path):
     assert 800 <= shape["parameters"] <= 900
     assert len(list(folder.iterdir())) == 384 + 48
     assert all(path.stat().st_size == 0 for path in folder.iterdir())
-    layout = json.loads((work / "index" / "layout.json").read_text())
+    index = derived_folder(work) / "index"
+    layout = json.loads((index / "layout.json").read_text())
     assert (layout["pp_degree"], layout["tp_degree"], layout["dp_degree"]) == (12, 4, 8)
     assert layout["output_folder"] == str(output)
     assert len(layout["copy_files"]) == 48
-    params = pd.read_csv(work / "index" / "params.tsv", sep="\t", keep_default_na=False)
+    params = pd.read_csv(index / "params.tsv", sep="\t", keep_default_na=False)
     assert set(layout["bucket_sources"]) == set(params["bucket"])
     assert all(name in layout["sources"] for names in layout["bucket_sources"].values() for name in names)
     assert set(params["merge"]) == {"column_parallel", "row_parallel", "replicated"}
-    fragments = pd.read_csv(work / "index" / "fragments.tsv", sep="\t", keep_default_na=False)
+    fragments = pd.read_csv(index / "fragments.tsv", sep="\t", keep_default_na=False)
     assert set(fragments["state"]) == {"fp32", "exp_avg", "exp_avg_sq", "step"}
     dense = fragments[fragments["param"] == "3.self_attention.dense.weight"]
     assert set(dense["shape"]) == {f"{scale.HIDDEN},{scale.HIDDEN // scale.TP}"}
     assert set(dense["tp"]) == set(range(scale.TP))
-    assert (work / "index" / "universal_info.pkl").stat().st_size > 0
+    assert (index / "universal_info.pkl").stat().st_size > 0
 
 
 def test_job_counts_reads_snakemakes_job_stats_table():

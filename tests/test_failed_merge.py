@@ -6,6 +6,7 @@ import csv
 from conftest import copy_tag, snakemake
 from test_megatron_universal import change_fragment
 from workflow_runs import unfinished_entries
+from ucpflow.signature import derived_folder
 
 PARAM = "2.input_layernorm.weight"
 
@@ -22,7 +23,7 @@ def test_failing_merge_leaves_no_output_of_its_bucket(megatron_checkpoint, tmp_p
     assert result.returncode != 0
     assert f"Parameter {PARAM} is declared tensor-parallel replicated" in result.stderr
     assert "Trying to restart job" in result.stderr, "the merge job is retried once (config `retries`)"
-    with open(work / "index" / "params.tsv", newline="") as handle:
+    with open(derived_folder(work) / "index" / "params.tsv", newline="") as handle:
         params = list(csv.DictReader(handle, delimiter="\t"))
     bucket = next(row["bucket"] for row in params if row["param"] == PARAM)
     assert len({row["bucket"] for row in params}) == 4

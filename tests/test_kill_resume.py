@@ -8,6 +8,8 @@ import signal
 import pytest
 from many_parameters import MERGE_MIN_JOBS, many_parameters  # noqa: F401  (pytest fixture)
 from universal_compare import compare_universal
+
+from ucpflow.signature import derived_folder
 from workflow_runs import (
     UNFINISHED_NAME,
     file_states,
@@ -38,8 +40,15 @@ class Conversion:
                   "merge_min_jobs": MERGE_MIN_JOBS}
         self.command = workflow_command(self.workdir, config)
 
+    def derived(self):
+        """The work folder's index and maps (named by the input's signature; absent before the index runs)."""
+        try:
+            return derived_folder(self.work)
+        except FileNotFoundError:
+            return self.work / "not-indexed-yet"
+
     def maps(self):
-        return list((self.work / "extract").glob("*.tsv"))
+        return list((self.derived() / "extract").glob("*.tsv"))
 
     def staging_partials(self):
         return list((self.output / "tmp").glob(".b*.partial"))
@@ -48,20 +57,20 @@ class Conversion:
         return list((self.output / "zero").glob("*/fp32.pt"))
 
     def parameter_count(self):
-        with open(self.work / "index" / "params.tsv") as table:
+        with open(self.derived() / "index" / "params.tsv") as table:
             return sum(1 for _ in table) - 1
 
     def finished_merges(self):
-        """The `done` files of merge jobs that Snakemake recorded as finished."""
-        return [path for path in finished_outputs(self.workdir) if path.parent == self.work / "merge"]
+        """The staging folders of merge jobs that Snakemake recorded as finished."""
+        return [path for path in finished_outputs(self.workdir) if path.parent == self.output / "tmp"]
 
     def outputs(self):
         """Every file the conversion writes (besides logs), with its inode and mtime."""
-        return file_states(self.output, *(self.work / name for name in ("index", "extract", "merge")))
+        return file_states(self.output, *(self.derived() / name for name in ("index", "extract")))
 
     def is_temporary(self, path):
-        """Staging folders and merge `done` files are removed once the parameters are published."""
-        return any(folder in path.parents for folder in (self.output / "tmp", self.work / "merge"))
+        """Staging folders are removed once their parameters are published."""
+        return self.output / "tmp" in path.parents
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +92,7 @@ def _running(process, script):
 MOMENTS = {
     "index": (
         lambda c, p: _running(p, "index"),
-        lambda c: not (c.work / "index" / "layout.json").exists(),
+        lambda c: not (c.derived() / "index" / "layout.json").exists(),
     ),
     "extract": (
         lambda c, p: _running(p, "extract") and len(c.maps()) < 3,
@@ -106,13 +115,16 @@ MOMENTS = {
 
 def kept_outputs(conversion):
     """Files under their final names at the kill whose job Snakemake had recorded as finished. A
-    parameter folder's files count as finished with its fp32.pt, the declared output."""
+    parameter folder's files count as finished with its fp32.pt, the declared output, and a staging
+    folder's files with the folder."""
     finished = finished_outputs(conversion.workdir) - incomplete_outputs(conversion.workdir)
     zero = conversion.output / "zero"
     return {
         path: state
         for path, state in conversion.outputs().items()
-        if path in finished or (path.parent.parent == zero and path.parent / "fp32.pt" in finished)
+        if path in finished
+        or (path.parent.parent == zero and path.parent / "fp32.pt" in finished)
+        or any(folder in finished for folder in path.parents)
     }
 
 
@@ -149,7 +161,7 @@ def test_resume_after_sigkill(moment, reference, tmp_path):
     )
     if moment == "merge":
         assert resumed_jobs["index"] == 0 and resumed_jobs["extract"] == 0
-        assert any(path.parent == conversion.work / "merge" for path in before), "a finished merge is kept"
+        assert any(conversion.output / "tmp" in path.parents for path in before), "a finished merge is kept"
         assert 1 <= resumed_jobs["merge"] < full_jobs["merge"]
 
 

@@ -12,6 +12,7 @@ from conftest import REPO, ds_to_universal
 from slurm.cluster import slurm_cluster, slurm_logdir  # noqa: F401  (pytest fixture)
 from universal_compare import compare_universal
 from workflow_runs import workflow_env
+from ucpflow.signature import derived_folder
 
 SUBMITTED = re.compile(r"^Job \S+ has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$", re.MULTILINE)
 
@@ -60,7 +61,7 @@ def test_conversion_through_the_slurm_profile(slurm_cluster, deepspeed_checkpoin
     rules = [rule for _, rule in submissions]
     print(f"\n{len(submissions)} sbatch submissions: {sorted(rules)}")
     [work_folder] = (workdir / "ucpflow-work").iterdir()
-    params = pd.read_csv(work_folder / "index" / "params.tsv", sep="\t", keep_default_na=False)
+    params = pd.read_csv(derived_folder(work_folder) / "index" / "params.tsv", sep="\t", keep_default_na=False)
     assert rules.count("index") == 1
     assert rules.count("extract") == 1, "the three extractions go into one group job"
     assert rules.count("merge") == params["bucket"].nunique()

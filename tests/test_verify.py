@@ -13,6 +13,7 @@ from conftest import convert, snakemake
 from verify_run import verify_conversion
 
 from ucpflow.verify import verify
+from ucpflow.signature import derived_folder
 
 CASES = {
     "zero1_dp2": ("deepspeed", "z1_bf16_dp2", dict(num_procs=2, zero_stage=1, dtype="bf16")),
@@ -227,7 +228,7 @@ def test_verify_names_a_deleted_parameter_file(case, converted):
 
 def test_partitions_left_uncovered_or_covered_twice_are_reported(converted, tmp_path):
     conversion = converted("zero1_dp2")
-    index = conversion.work / "index"
+    index = derived_folder(conversion.work) / "index"
     with open(index / "fragments.tsv", newline="") as handle:
         fragments = list(csv.DictReader(handle, delimiter="\t"))
     exp_avg = [row for row in fragments if row["state"] == "exp_avg" and int(row["numel"]) > 0]
@@ -240,7 +241,7 @@ def test_partitions_left_uncovered_or_covered_twice_are_reported(converted, tmp_
 
     _, partitions, _ = verify(
         index / "layout.json", tmp_path / "fragments.tsv", index / "params.tsv", index / "universal_info.pkl",
-        sorted((conversion.work / "extract").glob("*.tsv")), conversion.output,
+        sorted((derived_folder(conversion.work) / "extract").glob("*.tsv")), conversion.output,
         conversion.output.parent / "latest_universal",
     )  # fmt: skip
 

@@ -28,9 +28,13 @@ def workflow_env():
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
+# The tests read Snakemake's own job lines, which the default profile keeps quiet.
+SHOW_JOBS = ("--quiet", "host")
+
+
 def workflow_command(workdir, config, *args, cores=2):
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--cores", str(cores), *args]
+               "--cores", str(cores), *args, *SHOW_JOBS]
     return command + ["--config", *(f"{key}={value}" for key, value in config.items())]
 
 

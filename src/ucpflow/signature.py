@@ -8,6 +8,7 @@ naming another tag) re-derives the whole conversion instead of mixing old and ne
 """
 
 import hashlib
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -61,3 +62,23 @@ def input_signature(input_folder, *settings):
 
 def is_signature(name):
     return len(name) == SIGNATURE_LENGTH and all(c in "0123456789abcdef" for c in name)
+
+
+def derived_folder(work_folder):
+    """The folder of `work_folder` that holds the index and maps of the input last indexed there."""
+    folders = [entry for entry in Path(work_folder).iterdir() if entry.is_dir() and is_signature(entry.name)]
+    if len(folders) != 1:
+        raise FileNotFoundError(f"{work_folder} holds {len(folders)} indexed inputs, not one.")
+    return folders[0]
+
+
+# Config keys that change what the index writes: a new value indexes the input again.
+INDEX_KEYS = ("strict", "inject_missing_state", "hf_config", "allow_globals", "merge_job_bytes", "merge_min_jobs")
+
+
+def workflow_signature(config, input_folder, builds_demo):
+    """The signature of the workflow's input as configured (the demo's identity is its build settings)."""
+    settings = [config[key] for key in INDEX_KEYS]
+    if builds_demo:
+        return input_signature(os.devnull, *settings, json.dumps(config["demo"], sort_keys=True))
+    return input_signature(input_folder, *settings)

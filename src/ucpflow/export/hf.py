@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import UcpflowError
 from ..fileio import write_text
+from ..markers import retract, write_marker
 from . import tensors as T
 from . import transformers_source as TS
 from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
@@ -263,6 +264,10 @@ def gpt2_array(plan, spec):
     return full.T if spec["transform"] == TRANSPOSE else full
 
 
+# transformers finds a model by its config.json: written last, once every weight file is in place.
+HF_MARKER = "config.json"
+
+
 def hf_shard_job(plan_path, stem, output):
     import numpy as np
     import torch
@@ -271,6 +276,7 @@ def hf_shard_job(plan_path, stem, output):
     plan = load_plan(plan_path)
     if stem not in plan["shards"]:
         raise UcpflowError(f"{stem}.safetensors is not a file of the planned export ({', '.join(plan['shards'])}).")
+    retract(Path(output).parent / HF_MARKER)
     if TS.is_transformers_plan(plan):
         return TS.shard_job(plan, stem, output)
     dtype = getattr(torch, TORCH_DTYPES[plan["dtype"]])
@@ -292,4 +298,4 @@ def hf_finalize_job(plan_path, generation_config_output, config_output):
     if TS.is_transformers_plan(plan):
         return TS.finalize_job(plan, generation_config_output, config_output)
     write_text(generation_config_output, json.dumps(plan["generation_config"], indent=2, sort_keys=True) + "\n")
-    write_text(config_output, json.dumps(plan["config"], indent=2, sort_keys=True) + "\n")
+    write_marker(config_output, json.dumps(plan["config"], indent=2, sort_keys=True) + "\n")

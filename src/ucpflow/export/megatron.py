@@ -19,6 +19,7 @@ from pathlib import Path
 from .. import ptfile
 from ..errors import UcpflowError
 from ..fileio import write_text
+from ..markers import retract, write_marker
 from . import tensors as T
 from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
 
@@ -192,11 +193,16 @@ def rank_checkpoint(plan, rank):
             "args": target_args(args, plan)}
 
 
+# Megatron-LM reads this file first; it is written last, once every rank file is in place.
+MEGATRON_MARKER = "latest_checkpointed_iteration.txt"
+
+
 def megatron_shard_job(plan_path, iteration_folder, rank, output):
     plan = load_plan(plan_path)
     if iteration_folder != plan["iteration_folder"] or rank not in plan["ranks"]:
         raise UcpflowError(f"{iteration_folder}/{rank} is not a file of the planned tp {plan['tp']} pp {plan['pp']} "
                            f"checkpoint of {plan['iteration_folder']}.")
+    retract(Path(output).parents[2] / MEGATRON_MARKER)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     ptfile.save(rank_checkpoint(plan, rank), output)
     stage = plan["ranks"][rank][1]
@@ -205,4 +211,4 @@ def megatron_shard_job(plan_path, iteration_folder, rank, output):
 
 def megatron_finalize_job(plan_path, output):
     """latest_checkpointed_iteration.txt, written once every rank's file is in place."""
-    write_text(output, str(load_plan(plan_path)["iteration"]))
+    write_marker(output, str(load_plan(plan_path)["iteration"]))

@@ -37,13 +37,6 @@ def encode(array, dtype):
     return array.astype("<f8") if dtype == "float64" else array
 
 
-def readable(handle):
-    """Give a file being written the permissions of a plain open() (mkstemp's are owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle.fileno(), 0o666 & ~umask)
-
-
 def write_safetensors(path, tensors, read, metadata=None):
     """Write `tensors` ({name: (dtype, shape)}) to `path`; read(name) gives each one's values as a numpy array."""
     order = sorted(tensors, key=lambda name: (-DTYPES[tensors[name][0]][1], name))
@@ -58,7 +51,6 @@ def write_safetensors(path, tensors, read, metadata=None):
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     with atomic_writer(path, "wb") as handle:
-        readable(handle)
         handle.write(len(text).to_bytes(8, "little"))
         handle.write(text)
         for name in order:

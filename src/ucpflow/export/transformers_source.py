@@ -21,9 +21,10 @@ import numpy as np
 
 from .. import ptfile
 from ..errors import CheckpointError, UcpflowError
-from ..fileio import atomic_writer, copy_file
+from ..fileio import copy_file, write_text
+from ..markers import write_marker
 from ..hfconfig import CONFIG_FILE, find_model_config
-from .safetensors_out import FLOATS, readable, write_safetensors
+from .safetensors_out import FLOATS, write_safetensors
 from .source import read_full
 
 SOURCE = "transformers"
@@ -202,10 +203,8 @@ def finalize_job(plan, generation_config_output, config_output):
     folder = Path(config_output).parent
     for source in plan["copy_files"]:
         copy_file(source, folder / Path(source).name)
-    for output, config in ((generation_config_output, plan["generation_config"]), (config_output, plan["config"])):
-        with atomic_writer(output) as handle:
-            readable(handle)
-            handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text(generation_config_output, json.dumps(plan["generation_config"], indent=2, sort_keys=True) + "\n")
+    write_marker(config_output, json.dumps(plan["config"], indent=2, sort_keys=True) + "\n")
     print(f"{folder}: {plan['model']}, {len(plan['copy_files'])} tokenizer file(s) copied")
 
 
