@@ -23,6 +23,7 @@ checkpoint export_megatron_plan:
         megatron_folder=MEGATRON_FOLDER,
         target_tp=config["target_tp"],
         target_pp=config["target_pp"],
+        qkv_layout=config["megatron_qkv_layout"],
     script:
         "../scripts/export_megatron_plan.py"
 
@@ -68,7 +69,7 @@ rule megatron:
 
 
 checkpoint export_hf_plan:
-    """Decide the config, tensor names and safetensors files of a transformers model or a GPT-2-style Megatron one."""
+    """Decide the config, tensor names and safetensors files of a transformers, GPT-2 or Llama model."""
     input:
         layout=rules.index.output.layout,
         params=rules.index.output.params,
@@ -87,6 +88,7 @@ checkpoint export_hf_plan:
         hf_config=config["hf_config"],
         hf_dtype=config["hf_dtype"],
         exclude_frozen=config["hf_exclude_frozen"],
+        qkv_layout=config["megatron_qkv_layout"],
     script:
         "../scripts/export_hf_plan.py"
 

@@ -13,6 +13,7 @@ def main():
         snakemake.params.target_tp,
         snakemake.params.target_pp,
         snakemake.output[0],
+        snakemake.params.qkv_layout,
     )
 
 

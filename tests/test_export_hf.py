@@ -110,7 +110,8 @@ def test_a_model_gpt2_cannot_hold_fails_in_one_sentence(megatron_checkpoint, tmp
     result = converted.export("hf", hf_folder=tmp_path / "hf")
     assert result.returncode != 0
     assert ("ucpflow error: The model has a gated (SwiGLU) or squared-ReLU MLP, which a transformers GPT-2 model "
-            "cannot hold; the hf export supports GPT-2-style Megatron models only.") in result.stderr
+            "cannot hold, and layernorm norms, which a Llama model cannot; the hf export supports GPT-2 and "
+            "Llama-family Megatron models only.") in result.stderr
     assert not (tmp_path / "hf").exists()
 
 

@@ -80,13 +80,13 @@ def reassemble(ranks, tp, pp, layers, swiglu):
     return full
 
 
-def expected_qkv(universal_qkv, options):
-    """Megatron's per-group QKV rows from [Q; K; V] rows, using the toy model's own definition of both orders:
-    with one key/value head per rank, a "blocks" rank holds exactly the rows of that head's group."""
+def expected_qkv(universal_qkv, options, tp):
+    """The target ranks' QKV rows, concatenated, from [Q; K; V] sub-parameters: a model whose universal info
+    describes [Q; K; V] sub-parameters holds [Q; K; V] of its groups on each rank (the toy model's "blocks")."""
     if options.get("qkv_layout") != "blocks":
         return universal_qkv
-    config = GPTConfig(**options, tp=options["kv_heads"])
-    return torch.cat([universal_qkv[config.qkv_rows(rank)] for rank in range(options["kv_heads"])])
+    config = GPTConfig(**options, tp=tp)
+    return torch.cat([universal_qkv[config.qkv_rows(rank)] for rank in range(tp)])
 
 
 def check_megatron_export(folder, universal, case, tp, pp):
@@ -119,7 +119,7 @@ def check_megatron_export(folder, universal, case, tp, pp):
     for name in names:
         weight = torch.load(universal / "zero" / name / "fp32.pt", weights_only=False)["param"]
         if "query_key_value" in name:
-            weight = expected_qkv(weight, options)
+            weight = expected_qkv(weight, options, tp)
         if name.endswith("word_embeddings.weight"):
             assert full[name].shape[0] == padded_vocab
             assert not full[name][weight.shape[0]:].any(), "vocabulary padding must be zeros"

@@ -2,7 +2,7 @@
 weights of its universal checkpoint: the reference the transformers export is compared with.
 
     python toy_gpt_logits.py <universal folder> <GPTConfig options as JSON> <tokens as JSON> <output .pt>
-        [--bf16-weights]
+        [--bf16-weights] [--qkv-slices N]
 
 Run in a subprocess: the toy model is a DeepSpeed PipelineModule, which needs a (one-process) process group.
 """
@@ -30,6 +30,9 @@ def main(argv=None):
     parser.add_argument("tokens")
     parser.add_argument("output", type=Path)
     parser.add_argument("--bf16-weights", action="store_true", help="round every weight to bf16 first")
+    parser.add_argument("--qkv-slices", type=int, default=0,
+                        help="the universal fused QKV is the concatenation of the slices of this many tensor-parallel "
+                        "ranks (a QKV saved without sub-parameters): put each rank's rows back where the model has them")
     args = parser.parse_args(argv)
 
     import deepspeed
@@ -42,6 +45,7 @@ def main(argv=None):
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)
     config = GPTConfig(tp=1, **json.loads(args.options))
+    slices = GPTConfig(tp=args.qkv_slices, **json.loads(args.options)) if args.qkv_slices else None
     model = GPTModelPipe(config, PipeModelDataParallelTopology(num_pp=1, num_mp=1, num_dp=1), seed=0).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -49,6 +53,9 @@ def main(argv=None):
             if args.bf16_weights:
                 weight = weight.to(torch.bfloat16).float()
             param.zero_()
+            if slices is not None and "query_key_value" in name:
+                param[torch.tensor([row for rank in range(slices.tp) for row in slices.qkv_rows(rank)])] = weight
+                continue
             param[tuple(slice(0, size) for size in weight.shape)] = weight  # vocabulary padding stays zero
         logits = model(torch.tensor(json.loads(args.tokens)))
     torch.save(logits, args.output)

@@ -155,6 +155,10 @@ def conversion_tables(layout, info, fragments, params):
     """(summary, tables) of an indexed checkpoint; `params` carries the merge plan's buckets."""
     summary = layout_summary(layout)
     summary.update(parameters=len(params), universal_bytes=int(params["bytes"].sum()), blockers=[])
+    from .export.overview import export_overview
+
+    state = ptfile.load(layout.model_files[0])
+    summary["exports"] = export_overview(state.get("args"), state.get("checkpoint_version"), params)
     tables = {
         "parameters": parameters_table(layout, info, fragments, params),
         "files": files_table(layout.folder, layout),
@@ -246,6 +250,7 @@ def summary_text(summary):
         )
     if "parameters" in summary:
         lines.append(f"  {summary['parameters']} parameters, {summary['universal_bytes'] / 2**20:.1f} MiB of universal output")
+    lines += [f"  {line}" for line in summary.get("exports") or ()]
     if summary["blockers"]:
         lines.append("  Conversion is blocked:")
         lines += [f"    - {problem}" for problem in summary["blockers"]]

@@ -1,5 +1,5 @@
 """Export of a GPT-2-style Megatron model to a transformers model folder (and the `hf` jobs' entry points,
-which hand a transformers model's checkpoint to transformers_source).
+which hand a transformers model's checkpoint to transformers_source and a Llama-family one to hf_llama).
 
     config.json                      GPT2Config with the model's sizes and activation; written last
     generation_config.json
@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import UcpflowError
 from ..fileio import write_text
 from ..markers import retract, write_marker
+from . import hf_llama as HL
 from . import tensors as T
 from . import transformers_source as TS
 from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
@@ -79,8 +80,23 @@ def gpt2_activation(args):
     return "gelu"
 
 
-def check_gpt2(source):
-    """One sentence naming the first thing a GPT-2 model cannot express."""
+GPT2, LLAMA = "GPT-2", HL.FAMILY
+
+
+def model_family(source):
+    """GPT2 or LLAMA: the transformers model that can hold the Megatron model; else one sentence why none can."""
+    gpt2 = gpt2_problem(source)
+    if gpt2 is None:
+        return GPT2
+    llama = HL.llama_problem(source)
+    if llama is None:
+        return LLAMA
+    raise UcpflowError(f"The model has {gpt2}, which a transformers GPT-2 model cannot hold, and {llama}, which a "
+                       "Llama model cannot; the hf export supports GPT-2 and Llama-family Megatron models only.")
+
+
+def gpt2_problem(source):
+    """The first thing a GPT-2 model cannot express (a phrase), or None."""
     args = source.args
     problems = [
         (source.arg("swiglu") or getattr(args, "squared_relu", False), "a gated (SwiGLU) or squared-ReLU MLP"),
@@ -90,13 +106,14 @@ def check_gpt2(source):
         (not getattr(args, "add_position_embedding", True)
          or getattr(args, "position_embedding_type", "learned_absolute") != "learned_absolute",
          "no learned absolute position embeddings"),
-        (source.arg("untie_embeddings_and_output_weights"), "an output layer separate from the word embeddings"),
+        (source.arg("untie_embeddings_and_output_weights") or source.has_output_layer,
+         "an output layer separate from the word embeddings"),
         (getattr(args, "apply_residual_connection_post_layernorm", False), "residuals taken after the layernorm"),
     ]
-    for present, what in problems:
-        if present:
-            raise UcpflowError(f"The model has {what}, which a transformers GPT-2 model cannot hold; "
-                               "the hf export supports GPT-2-style Megatron models only.")
+    return next((what for present, what in problems if present), None)
+
+
+def check_gpt2_layers(source):
     known = {megatron for _, megatron, _ in GPT2_LAYER}
     for weight in source.weights:
         if weight.role == LAYER and weight.name not in known:
@@ -163,7 +180,7 @@ def gpt2_config(source):
 
 
 def generation_config(config):
-    tokens = {key: config[key] for key in ("bos_token_id", "eos_token_id") if config[key] is not None}
+    tokens = {key: config[key] for key in ("bos_token_id", "eos_token_id") if config.get(key) is not None}
     return {"_from_model_config": True, **tokens, "use_cache": True}
 
 
@@ -192,11 +209,33 @@ def shard_stems(count):
     return [f"{SINGLE_FILE_STEM}-{i + 1:05d}-of-{count:05d}" for i in range(count)]
 
 
-def hf_plan(source, universal_folder, max_shard_size, dtype=None):
-    check_gpt2(source)
-    dtype = dtype or source.dtype
+def gpt2_plan(source, universal_folder, dtype):
+    """Everything of a GPT-2 plan but the sharding, and {tensor: numel}."""
+    check_gpt2_layers(source)
     tensors = dict(sorted(gpt2_tensors(source).items(), key=lambda item: save_order(item[0])))
-    numel = {name: math.prod(weight.shape) for name, (weight, _) in tensors.items()}
+    config = {**gpt2_config(source), "dtype": TORCH_DTYPES[dtype]}
+    plan = {
+        "family": GPT2,
+        "dtype": dtype,
+        "heads": source.heads,
+        "kv_heads": source.kv_heads,
+        "head_dim": source.head_dim,
+        "source_tp": source.source_tp,
+        "universal_folder": str(universal_folder),
+        "tensors": {name: {"param": weight.param, "shape": list(weight.shape), "transform": transform,
+                           "qkv_order": source.qkv_order(weight) if transform == QKV else None}
+                    for name, (weight, transform) in tensors.items()},
+        "config": config,
+    }
+    return plan, {name: math.prod(weight.shape) for name, (weight, _) in tensors.items()}
+
+
+def hf_plan(source, universal_folder, max_shard_size, dtype=None):
+    dtype = dtype or source.dtype
+    if model_family(source) == LLAMA:
+        plan, numel, _ = HL.llama_plan(source, universal_folder, dtype)
+    else:
+        plan, numel = gpt2_plan(source, universal_folder, dtype)
     sizes = {name: count * ITEM_BYTES[dtype] for name, count in numel.items()}
     file_tensors = split_into_shards(sizes, parse_size(max_shard_size))
     shards = dict(zip(shard_stems(len(file_tensors)), file_tensors))
@@ -205,21 +244,7 @@ def hf_plan(source, universal_folder, max_shard_size, dtype=None):
         weight_map = {name: f"{stem}.safetensors" for stem, names in shards.items() for name in names}
         index = {"metadata": {"total_parameters": sum(numel.values()), "total_size": sum(sizes.values())},
                  "weight_map": weight_map}
-    config = {**gpt2_config(source), "dtype": TORCH_DTYPES[dtype]}
-    return {
-        "dtype": dtype,
-        "heads": source.heads,
-        "kv_heads": source.kv_heads,
-        "head_dim": source.head_dim,
-        "universal_folder": str(universal_folder),
-        "tensors": {name: {"param": weight.param, "shape": list(weight.shape), "transform": transform,
-                           "qkv_order": source.qkv_order(weight) if transform == QKV else None}
-                    for name, (weight, transform) in tensors.items()},
-        "shards": shards,
-        "index": index,
-        "config": config,
-        "generation_config": generation_config(config),
-    }
+    return {**plan, "shards": shards, "index": index, "generation_config": generation_config(plan["config"])}
 
 
 def check_hf_folder(folder, plan):
@@ -235,7 +260,7 @@ def check_hf_folder(folder, plan):
 
 
 def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_shard_size, output, *, layout_path,
-                hf_config="", hf_dtype="", exclude_frozen=False):
+                hf_config="", hf_dtype="", exclude_frozen=False, qkv_layout=""):
     """The plan of a transformers model's export (its config.json found beside or above the tag folder, or
     given as hf_config), else of a Megatron GPT model's."""
     from .source import load_source
@@ -246,26 +271,27 @@ def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_
         plan = TS.plan_job(config_folder, layout_path, params_path, universal_folder, hf_dtype, exclude_frozen,
                            max_shard_size)
     else:
-        source = load_source(params_path, universal_folder, model_state_path)
+        source = load_source(params_path, universal_folder, model_state_path, qkv_layout)
         plan = hf_plan(source, universal_folder, max_shard_size, None if hf_dtype in ("", "auto") else hf_dtype)
-        print(f"GPT-2 model: {source.num_layers} layers, hidden {source.hidden}, vocabulary {source.vocab}, "
-              f"{plan['config']['activation_function']}, {plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
+        detail = plan["config"].get("activation_function") or f"{source.kv_heads} key/value heads, fused QKV " \
+            f"{plan.get('qkv_layout')}"
+        print(f"{plan['family']} model: {source.num_layers} layers, hidden {source.hidden}, vocabulary {source.vocab}, "
+              f"{detail}, {plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
     check_hf_folder(hf_folder, plan)
     write_text(output, json.dumps(plan, indent=1))
 
 
 def gpt2_array(plan, spec):
     """A transformers tensor as a float32 numpy array."""
+    if plan.get("family") == LLAMA:
+        return HL.llama_array(plan, spec)
     full = read_full(plan["universal_folder"], spec["param"], spec["shape"])
     if spec["transform"] == QKV:
-        if spec["qkv_order"] == T.QKV_PER_GROUP:
-            full = T.qkv_per_group_to_blocks(full, plan["heads"], plan["kv_heads"], plan["head_dim"])
+        full = T.qkv_to_blocks(full, spec["qkv_order"], plan["heads"], plan["kv_heads"], plan["head_dim"],
+                               plan.get("source_tp", 1))
         return full.T if full.ndim == 2 else full
     return full.T if spec["transform"] == TRANSPOSE else full
 
-
-# transformers finds a model by its config.json: written last, once every weight file is in place.
-HF_MARKER = "config.json"
 
 
 def hf_shard_job(plan_path, stem, output):
@@ -276,7 +302,7 @@ def hf_shard_job(plan_path, stem, output):
     plan = load_plan(plan_path)
     if stem not in plan["shards"]:
         raise UcpflowError(f"{stem}.safetensors is not a file of the planned export ({', '.join(plan['shards'])}).")
-    retract(Path(output).parent / HF_MARKER)
+    retract(Path(output).parent / CONFIG_FILE)  # transformers finds a model by it: written last
     if TS.is_transformers_plan(plan):
         return TS.shard_job(plan, stem, output)
     dtype = getattr(torch, TORCH_DTYPES[plan["dtype"]])

@@ -6,9 +6,11 @@ The layout is the one Megatron-LM saves and Megatron-DeepSpeed's deepspeed_to_me
     <folder>/iter_{iteration:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt
 
 each file holding `model` (language_model → embedding on the first stage, encoder with the stage's
-`layers.{local index}.*` and, on the last stage, `final_layernorm.*`; `word_embeddings_for_head` on the
-last stage when there are several stages), `checkpoint_version` 3.0, `iteration` and the source `args`
-with the target degrees and vocabulary padding.
+`layers.{local index}.*` and, on the last stage, `final_layernorm.*` and an untied model's
+`output_layer`; a tied model's `word_embeddings_for_head` on the last stage when there are several
+stages), `checkpoint_version` 3.0, `iteration` and the source `args` with the target degrees and
+vocabulary padding. The fused QKV is written in the model's layout (qkv_layout): each rank gets whole
+key/value groups, [q..., k, v] per group or its slice's [Q; K; V].
 """
 
 import copy
@@ -21,7 +23,7 @@ from ..errors import UcpflowError
 from ..fileio import write_text
 from ..markers import retract, write_marker
 from . import tensors as T
-from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
+from .source import FINAL_NORM, LAYER, OUTPUT_LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -74,9 +76,9 @@ def layer_split(source, weight):
 
 def check_degrees(source, tp, pp):
     """One sentence for target degrees that Megatron cannot run the model with."""
-    if source.arg("untie_embeddings_and_output_weights"):
-        raise UcpflowError("The model has an output layer separate from the word embeddings, which the Megatron "
-                           "export does not support.")
+    if source.arg("untie_embeddings_and_output_weights") and not source.has_output_layer:
+        raise UcpflowError("The args record an output layer separate from the word embeddings, but the universal "
+                           "checkpoint holds none (lm_head or output_layer).")
     if source.num_layers % pp:
         raise UcpflowError(f"Config key `target_pp`: {source.num_layers} layers cannot be spread evenly over {pp} "
                            "pipeline stages.")
@@ -97,7 +99,8 @@ def stage_entries(source, stage, pp):
     """Every tensor of one pipeline stage: its key path inside `model` and how it is cut."""
     entries = []
     if stage == 0:
-        for role in (WORD_EMBEDDINGS, POSITION_EMBEDDINGS):
+        roles = [WORD_EMBEDDINGS] + [POSITION_EMBEDDINGS] * any(w.role == POSITION_EMBEDDINGS for w in source.weights)
+        for role in roles:
             weight = source.weight(role)
             split = T.VOCAB if role == WORD_EMBEDDINGS else T.REPLICATED
             entries.append(_entry(["language_model", "embedding", role, "weight"], weight, split))
@@ -108,10 +111,12 @@ def stage_entries(source, stage, pp):
             split = layer_split(source, weight)
             entries.append(_entry(key, weight, split, source.qkv_order(weight) if split == T.QKV else None))
     if stage == pp - 1:
-        for name in ("weight", "bias"):
-            weight = source.weight(FINAL_NORM, name)
-            entries.append(_entry(["language_model", "encoder", f"final_layernorm.{name}"], weight, T.REPLICATED))
-        if pp > 1:
+        for weight in (w for w in source.weights if w.role == FINAL_NORM):
+            entries.append(_entry(["language_model", "encoder", f"final_layernorm.{weight.name}"], weight,
+                                  T.REPLICATED))
+        if source.has_output_layer:
+            entries.append(_entry(["language_model", "output_layer", "weight"], source.weight(OUTPUT_LAYER), T.VOCAB))
+        elif pp > 1:
             entries.append(_entry(["word_embeddings_for_head", "weight"], source.weight(WORD_EMBEDDINGS), T.VOCAB))
     return entries
 
@@ -120,6 +125,7 @@ def megatron_plan(source, universal_folder, model_state_path, tp, pp):
     """What every file of the Megatron checkpoint holds (a JSON-ready dict)."""
     check_degrees(source, tp, pp)
     ranks = {rank_folder(t, p, pp): [t, p] for p in range(pp) for t in range(tp)}
+    layout = source.qkv_layout[0]
     return {
         "iteration": source.iteration,
         "iteration_folder": iteration_folder(source.iteration),
@@ -130,6 +136,8 @@ def megatron_plan(source, universal_folder, model_state_path, tp, pp):
         "heads": source.heads,
         "kv_heads": source.kv_heads,
         "head_dim": source.head_dim,
+        "source_tp": source.source_tp,
+        "qkv_layout": layout,  # qkv_layout.PER_GROUP and PER_SLICE name the tensors module's orders of the same rows
         "universal_folder": str(universal_folder),
         "model_state": str(model_state_path),
         "ranks": ranks,
@@ -148,22 +156,26 @@ def check_megatron_folder(folder, plan):
                            f"{plan['tp']} pp {plan['pp']} checkpoint; remove it or choose another megatron_folder.")
 
 
-def megatron_plan_job(params_path, universal_folder, model_state_path, megatron_folder, tp, pp, output):
+def megatron_plan_job(params_path, universal_folder, model_state_path, megatron_folder, tp, pp, output, qkv_layout=""):
     from .source import load_source
 
-    source = load_source(params_path, universal_folder, model_state_path)
+    source = load_source(params_path, universal_folder, model_state_path, qkv_layout)
     plan = megatron_plan(source, universal_folder, model_state_path, tp, pp)
     check_megatron_folder(megatron_folder, plan)
     write_text(output, json.dumps(plan, indent=1))
     print(f"Megatron checkpoint of iteration {plan['iteration']}: tp {tp}, pp {pp}, {plan['dtype']}, "
-          f"{source.num_layers // pp} layers per stage, padded vocabulary {plan['padded_vocab']}")
+          f"{source.num_layers // pp} layers per stage, padded vocabulary {plan['padded_vocab']}, fused QKV "
+          f"{plan['qkv_layout']}")
 
 
 def full_tensor(plan, entry):
-    """A full fp32 weight in Megatron's form: QKV rows in per-group order, the vocabulary padded."""
+    """A full fp32 weight in Megatron's form: QKV rows in the model's layout at the target degree (so that equal
+    pieces are the ranks' slices), the vocabulary padded."""
     full = read_full(plan["universal_folder"], entry["param"], entry["shape"])
-    if entry["split"] == T.QKV and entry["qkv_order"] == T.QKV_BLOCKS:
-        full = T.qkv_blocks_to_per_group(full, plan["heads"], plan["kv_heads"], plan["head_dim"])
+    if entry["split"] == T.QKV:
+        shape = plan["heads"], plan["kv_heads"], plan["head_dim"]
+        blocks = T.qkv_to_blocks(full, entry["qkv_order"], *shape, plan["source_tp"])
+        full = T.qkv_from_blocks(blocks, plan["qkv_layout"], *shape, plan["tp"])
     if entry["split"] == T.VOCAB:
         full = T.pad_rows(full, plan["padded_vocab"])
     return full

@@ -14,16 +14,19 @@ from dataclasses import dataclass
 from .. import ptfile
 from ..errors import CheckpointError
 from ..index import read_index_table
-from .tensors import QKV_BLOCKS, QKV_PER_GROUP
+from . import qkv_layout
+from .tensors import QKV_BLOCKS, QKV_PER_GROUP, QKV_PER_SLICE
 
 WORD_EMBEDDINGS = "word_embeddings"
 POSITION_EMBEDDINGS = "position_embeddings"
 LAYER = "layer"
 FINAL_NORM = "final_layernorm"
+OUTPUT_LAYER = "output_layer"  # an untied LM head: GPTModelPipe's LMHeadPipe, GPTModel's output_layer
 
 _EMBEDDING = re.compile(r"(?:tied_modules\.embed|\d+|language_model\.embedding)\.(word_embeddings|position_embeddings)"
                         r"\.weight")
 _FINAL_NORM = re.compile(r"(?:(\d+)|language_model\.encoder\.final_layernorm)\.(weight|bias)")
+_OUTPUT_LAYER = re.compile(r"(?:\d+\.lm_head|language_model\.output_layer)\.weight")
 _LAYER = re.compile(r"(?:language_model\.encoder\.layers\.)?(\d+)\.(.+)")
 
 # The universal merge rule of a fused QKV saved as [Q; K; V] sub-parameters (index params.tsv).
@@ -50,6 +53,7 @@ class SourceModel:
     iteration: int
     checkpoint_version: float
     weights: tuple
+    requested_qkv_layout: str = qkv_layout.AUTO  # config key megatron_qkv_layout
 
     def arg(self, name):
         if hasattr(self.args, name):
@@ -98,14 +102,32 @@ class SourceModel:
     def layer_weights(self, layer):
         return [weight for weight in self.weights if weight.role == LAYER and weight.layer == layer]
 
+    @property
+    def source_tp(self):
+        return int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
+
+    @property
+    def qkv_sub_params(self):
+        return any(weight.merge == SUB_PARAMS_MERGE for weight in self.weights)
+
+    @property
+    def qkv_layout(self):
+        """(layout, why): how each tensor-parallel slice of the model's fused QKV is laid out (qkv_layout module)."""
+        return qkv_layout.resolve(self.args, self.requested_qkv_layout, self.kv_heads, self.source_tp,
+                                  self.qkv_sub_params)
+
+    @property
+    def has_output_layer(self):
+        return any(weight.role == OUTPUT_LAYER for weight in self.weights)
+
     def qkv_order(self, weight):
-        """The row order of a fused QKV in the universal checkpoint."""
+        """The row order of a fused QKV in the universal checkpoint (QKV_PER_SLICE: over source_tp slices)."""
         if weight.merge == SUB_PARAMS_MERGE:
             return QKV_BLOCKS
-        if self.checkpoint_version >= 2.0:
-            return QKV_PER_GROUP
-        raise CheckpointError(f"Parameter {weight.param}: the fused QKV order of Megatron checkpoint version "
-                              f"{self.checkpoint_version} is not supported (version 2.0 or later is).")
+        if self.checkpoint_version < 2.0:
+            raise CheckpointError(f"Parameter {weight.param}: the fused QKV order of Megatron checkpoint version "
+                                  f"{self.checkpoint_version} is not supported (version 2.0 or later is).")
+        return QKV_PER_SLICE if self.qkv_layout[0] == qkv_layout.PER_SLICE else QKV_PER_GROUP
 
 
 def load_plan(path):
@@ -139,6 +161,8 @@ def _role(param):
     """(role, pipeline index or layer number or -1, name) of a parameter name, or None."""
     if match := _EMBEDDING.fullmatch(param):
         return match.group(1), -1, "weight"
+    if _OUTPUT_LAYER.fullmatch(param):
+        return OUTPUT_LAYER, -1, "weight"
     if match := _FINAL_NORM.fullmatch(param):
         return FINAL_NORM, int(match.group(1) or -1), match.group(2)
     if match := _LAYER.fullmatch(param):
@@ -167,7 +191,7 @@ def classify_parameters(names):
     return {param: (role, number[index] if role == LAYER else -1, name) for param, (role, index, name) in roles.items()}
 
 
-def load_source(params_path, universal_folder, model_state_path):
+def load_source(params_path, universal_folder, model_state_path, requested_qkv_layout=qkv_layout.AUTO):
     """The SourceModel of a universal checkpoint, from its index table and its copied model-states file."""
     state = ptfile.load(model_state_path)
     args = state.get("args") if isinstance(state, dict) else None
@@ -183,7 +207,8 @@ def load_source(params_path, universal_folder, model_state_path):
         shape = _full_shape(universal_folder, row.param, json.loads(row.shapes))
         weights.append(Weight(row.param, role, layer, name, row.merge, shape))
     iteration = state.get("iteration", state.get("global_steps", 0))
-    source = SourceModel(args, int(iteration), float(state.get("checkpoint_version", 0)), tuple(weights))
+    source = SourceModel(args, int(iteration), float(state.get("checkpoint_version", 0)), tuple(weights),
+                         requested_qkv_layout or qkv_layout.AUTO)
     layers = {weight.layer for weight in weights if weight.role == LAYER}
     if layers != set(range(source.num_layers)):
         raise CheckpointError(f"The universal checkpoint holds {len(layers)} transformer layers but its args "

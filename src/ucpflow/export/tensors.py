@@ -16,6 +16,7 @@ SPLITS = (REPLICATED, COLUMN, ROW, VOCAB, QKV, GATE_UP)
 # Orders of the fused QKV rows.
 QKV_PER_GROUP = "per_group"  # Megatron's checkpoint version >= 2: per key/value head, its query heads, key, value
 QKV_BLOCKS = "blocks"  # [Q; K; V]: all query heads, all key heads, all value heads
+QKV_PER_SLICE = "per_slice"  # one [Q; K; V] per tensor-parallel slice (Megatron-DeepSpeed PR #441 and later)
 
 
 def qkv_blocks_to_per_group(full, heads, kv_heads, head_dim):
@@ -39,6 +40,42 @@ def qkv_per_group_to_blocks(full, heads, kv_heads, head_dim):
     keys = grouped[:, group * head_dim:(group + 1) * head_dim].reshape(kv_heads * head_dim, *rest)
     values = grouped[:, (group + 1) * head_dim:].reshape(kv_heads * head_dim, *rest)
     return np.concatenate([queries, keys, values])
+
+
+def qkv_per_slice_to_blocks(full, heads, kv_heads, head_dim, slices):
+    """[Q; K; V] rows from the concatenation of `slices` tensor-parallel slices, each its own [Q; K; V]."""
+    q_rows, kv_rows = heads * head_dim // slices, kv_heads * head_dim // slices
+    pieces = full.reshape(slices, q_rows + 2 * kv_rows, *full.shape[1:])
+    return np.concatenate([pieces[:, :q_rows].reshape(-1, *full.shape[1:]),
+                           pieces[:, q_rows:q_rows + kv_rows].reshape(-1, *full.shape[1:]),
+                           pieces[:, q_rows + kv_rows:].reshape(-1, *full.shape[1:])])
+
+
+def qkv_blocks_to_per_slice(full, heads, kv_heads, head_dim, slices):
+    """The inverse of qkv_per_slice_to_blocks."""
+    q_rows, kv_rows, rest = heads * head_dim, kv_heads * head_dim, full.shape[1:]
+    queries = full[:q_rows].reshape(slices, -1, *rest)
+    keys = full[q_rows:q_rows + kv_rows].reshape(slices, -1, *rest)
+    values = full[q_rows + kv_rows:].reshape(slices, -1, *rest)
+    return np.concatenate([queries, keys, values], axis=1).reshape(full.shape)
+
+
+def qkv_to_blocks(full, order, heads, kv_heads, head_dim, slices=1):
+    """[Q; K; V] rows of a fused QKV stored in `order` (QKV_PER_SLICE: over `slices` source slices)."""
+    if order == QKV_PER_GROUP:
+        return qkv_per_group_to_blocks(full, heads, kv_heads, head_dim)
+    if order == QKV_PER_SLICE:
+        return qkv_per_slice_to_blocks(full, heads, kv_heads, head_dim, slices)
+    return full
+
+
+def qkv_from_blocks(full, order, heads, kv_heads, head_dim, slices=1):
+    """[Q; K; V] rows in `order`; for the two Megatron layouts, cut into `slices` equal pieces, each rank's."""
+    if order == QKV_PER_GROUP:
+        return qkv_blocks_to_per_group(full, heads, kv_heads, head_dim)
+    if order == QKV_PER_SLICE:
+        return qkv_blocks_to_per_slice(full, heads, kv_heads, head_dim, slices)
+    return full
 
 
 def padded_vocab_size(vocab, divisible_by, tp):

@@ -27,6 +27,12 @@ class GPTConfig:
     # piece of each of the three sub-parameters.
     qkv_layout: str = "interleaved"
     swiglu: bool = False
+    # Llama-family blocks, as Megatron-DeepSpeed's --normalization rmsnorm --use-rotary-position-embeddings
+    # --untie-embeddings-and-output-weights --disable-bias-linear build them: RMSNorm (weight only), rotary
+    # positions (no position embeddings), a separate output layer and no linear biases.
+    llama: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
     partial_output_scale: bool = False  # a per-rank scalar on each MLP's partial output (differs across TP)
     tp: int = 1
 
@@ -43,6 +49,8 @@ class GPTConfig:
             raise UcpflowError(f"QKV layout {self.qkv_layout!r} is not one of {', '.join(QKV_LAYOUTS)}.")
         if self.ffn_size % self.tp:
             raise UcpflowError(f"MLP size {self.ffn_size} is not divisible by the tensor-parallel degree {self.tp}.")
+        if self.llama and self.head_dim % 2:
+            raise UcpflowError(f"Rotary positions need an even head size, not {self.head_dim}.")
         if self.num_kv_heads < self.tp:
             raise UcpflowError(f"{self.num_kv_heads} key/value heads cannot be spread over {self.tp} "
                                "tensor-parallel ranks.")

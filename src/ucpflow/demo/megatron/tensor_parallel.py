@@ -121,11 +121,12 @@ def gather_last_dim(x, tp: TensorParallel):
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's output rows (and b) split over the ranks; the output stays split."""
 
-    def __init__(self, in_features: int, out_features: int, rows, tp: TensorParallel, seed: int, name: str):
+    def __init__(self, in_features: int, out_features: int, rows, tp: TensorParallel, seed: int, name: str,
+                 bias: bool = True):
         super().__init__()
         self.tp = tp
         self.weight = sharded_parameter(full_normal((out_features, in_features), seed, name + ".weight"), 0, rows)
-        self.bias = sharded_parameter(torch.zeros(out_features), 0, rows)
+        self.bias = sharded_parameter(torch.zeros(out_features), 0, rows) if bias else None
 
     def forward(self, x):
         return F.linear(copy_to_tensor_parallel_region(x, self.tp), self.weight, self.bias)
@@ -134,17 +135,19 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W's input columns split over the ranks, the partial outputs summed; b is replicated."""
 
-    def __init__(self, in_features: int, out_features: int, columns, tp: TensorParallel, seed: int, name: str):
+    def __init__(self, in_features: int, out_features: int, columns, tp: TensorParallel, seed: int, name: str,
+                 bias: bool = True):
         super().__init__()
         self.tp = tp
         self.weight = sharded_parameter(full_normal((out_features, in_features), seed, name + ".weight"), 1, columns)
-        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x_split, partial_scale=None):
         partial = F.linear(x_split, self.weight)
         if partial_scale is not None:
             partial = partial * partial_scale
-        return reduce_from_tensor_parallel_region(partial, self.tp) + self.bias
+        output = reduce_from_tensor_parallel_region(partial, self.tp)
+        return output if self.bias is None else output + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -24,7 +24,7 @@ from ucpflow.demo.megatron.config import QKV_LAYOUTS, GPTConfig
 from ucpflow.errors import UcpflowError
 
 MODEL_OPTIONS = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "seq", "make_vocab_size_divisible_by",
-                 "qkv_layout", "swiglu", "partial_output_scale")
+                 "qkv_layout", "swiglu", "llama", "partial_output_scale")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "blocks: [Q; K; V] sub-parameters")
     model.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=False,
                        help="mlp.dense_h_to_4h as [gate; up] sub-parameters")
+    model.add_argument("--llama", action=argparse.BooleanOptionalAction, default=False,
+                       help="Llama-family blocks: RMSNorm, rotary positions, untied output layer, no linear biases")
     model.add_argument("--partial-output-scale", action=argparse.BooleanOptionalAction, default=False,
                        help="a per-rank scalar on each MLP's partial output, averaged by the converter")
 
@@ -68,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--save-dir", type=Path, help="checkpoint root to save into after training")
     checkpoint.add_argument("--universal-info", action=argparse.BooleanOptionalAction, default=True,
                             help="save universal_checkpoint_info, which ds_to_universal requires")
+    checkpoint.add_argument("--qkv-sub-params", action=argparse.BooleanOptionalAction, default=True,
+                            help="describe a blocks QKV as [Q; K; V] sub-parameters in universal_checkpoint_info "
+                            "(Megatron-DeepSpeed does not)")
     checkpoint.add_argument("--unmatched-pattern", action="append", default=[], metavar="REGEX",
                             help="add a TP-replicated pattern that matches no parameter (repeatable)")
     checkpoint.add_argument("--omit-tp-patterns-at-tp1", action=argparse.BooleanOptionalAction, default=False,
@@ -142,9 +147,23 @@ def micro_batches(first_step: int, dp_rank: int, args):
 
 
 def megatron_args(args) -> argparse.Namespace:
-    """The subset of Megatron's `args` that checkpoint readers look at, under Megatron's names."""
+    """The subset of Megatron's `args` that checkpoint readers look at, under Megatron's names.
+
+    As the Megatron-DeepSpeed code that computes attention the fixture's way would save them: per-group
+    QKV ("interleaved") is the code before PR #441, which has --ds-sequence-parallel-size but not the
+    FPDT options #441 added; per-slice [Q; K; V] ("blocks") is #441 and later, which has both.
+    """
     config = gpt_config(args)
-    return argparse.Namespace(
+    code_version = {"ds_sequence_parallel_size": 1}
+    if config.qkv_layout == "blocks":
+        code_version.update(ds_sequence_parallel_fpdt=False, ds_sequence_parallel_fpdt_chunk_size=65536)
+    llama = {}
+    if config.llama:
+        llama = dict(normalization="rmsnorm", add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                     add_position_embedding=False, use_rotary_position_embeddings=True, rope_theta=config.rope_theta,
+                     rotary_percent=1.0, position_embedding_type="rope", layernorm_epsilon=config.norm_eps,
+                     kv_channels=config.head_dim)
+    saved = dict(
         num_layers=config.layers, hidden_size=config.hidden, num_attention_heads=config.heads,
         num_key_value_heads=config.num_kv_heads, ffn_hidden_size=config.ffn_size, seq_length=config.seq,
         max_position_embeddings=config.seq, padded_vocab_size=config.padded_vocab,
@@ -156,6 +175,7 @@ def megatron_args(args) -> argparse.Namespace:
         bias_gelu_fusion=True, openai_gelu=False, onnx_safe=False, layernorm_epsilon=1e-5,
         apply_residual_connection_post_layernorm=False, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=0.02, position_embedding_type="learned_absolute")
+    return argparse.Namespace(**{**saved, **code_version, **llama})
 
 
 def train(args):
@@ -198,7 +218,7 @@ def train(args):
                         "args": megatron_args(args)}
         if args.universal_info:
             client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_checkpoint_info(
-                model.config, args.unmatched_pattern, args.omit_tp_patterns_at_tp1)
+                model.config, args.unmatched_pattern, args.omit_tp_patterns_at_tp1, args.qkv_sub_params)
         engine.save_checkpoint(str(args.save_dir), client_state=client_state)
     if args.losses_out is not None and dist.get_rank() == 0:
         args.losses_out.parent.mkdir(parents=True, exist_ok=True)

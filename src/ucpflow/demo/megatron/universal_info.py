@@ -29,8 +29,16 @@ QKV_BIAS = r"\d+.self_attention.query_key_value.bias"
 PARTIAL_OUTPUT_SCALE = r"\d+.mlp.partial_output_scale"
 
 
-def universal_checkpoint_info(config: GPTConfig, unmatched_patterns=(), omit_tp_patterns_at_tp1=False) -> dict:
-    """`unmatched_patterns` are added to the TP-replicated patterns, for tests of the converter's strict mode."""
+def universal_checkpoint_info(config: GPTConfig, unmatched_patterns=(), omit_tp_patterns_at_tp1=False,
+                              qkv_sub_params=True) -> dict:
+    """`unmatched_patterns` are added to the TP-replicated patterns, for tests of the converter's strict mode.
+
+    A "blocks" QKV is described as [Q; K; V] sub-parameters unless `qkv_sub_params` is false, as
+    Megatron-DeepSpeed (which never writes sub-parameters) saves it. A `llama` model gets the patterns
+    Megatron-DeepSpeed writes for an untied, bias-free RMSNorm model without position embeddings.
+    """
+    if config.llama:
+        return _llama_info(config, qkv_sub_params)
     info = {
         UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         ORIGINAL_VOCAB_SIZE: config.vocab,
@@ -57,7 +65,36 @@ def universal_checkpoint_info(config: GPTConfig, unmatched_patterns=(), omit_tp_
         ]
     if config.swiglu:
         info[PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [r"\d+.mlp.dense_h_to_4h.weight", r"\d+.mlp.dense_h_to_4h.bias"]
-    if config.qkv_layout == "blocks":
+    _add_qkv_sub_params(info, config, qkv_sub_params)
+    if config.partial_output_scale:
+        info[PARAMETER_TO_AVERAGE_PATTERNS] = [PARTIAL_OUTPUT_SCALE]
+    if unmatched_patterns:
+        info.setdefault(TP_REPLICATED_PARAMETER_PATTERNS, []).extend(unmatched_patterns)
+    return info
+
+
+def _llama_info(config: GPTConfig, qkv_sub_params) -> dict:
+    """Megatron-DeepSpeed's UniversalCheckpointInfo for GPTModelPipe with --untie-embeddings-and-output-weights,
+    --normalization rmsnorm, --disable-bias-linear, rotary positions and --swiglu."""
+    info = {
+        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        ORIGINAL_VOCAB_SIZE: config.vocab,
+        PADDED_VOCAB_SIZE: config.padded_vocab,
+        VOCABULARY_PARAMETER_PATTERNS: [r"\d+.word_embeddings.weight", r"\d+.lm_head.weight"],
+        PIPELINE_REPLICATED_PARAMETER_PATTERNS: [],
+        PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: [r"\d+.mlp.dense_h_to_4h.weight"] if config.swiglu else [],
+    }
+    if config.tp > 1:
+        info[TP_REPLICATED_PARAMETER_PATTERNS] = [r"\d+.input_layernorm.weight", r"\d+.post_attention_layernorm.weight",
+                                                  r"\d+.weight"]
+        info[PARAMETER_WITH_ROW_PARALLELISM_PATTERNS] = [r"\d+.mlp.dense_4h_to_h.weight",
+                                                         r"\d+.self_attention.dense.weight"]
+    _add_qkv_sub_params(info, config, qkv_sub_params)
+    return info
+
+
+def _add_qkv_sub_params(info, config: GPTConfig, qkv_sub_params):
+    if config.qkv_layout == "blocks" and qkv_sub_params:
         sizes = config.qkv_sub_param_sizes()
         info[PARAMETER_WITH_SUB_PARAMS] = [
             asdict(SubparamShape(patterns=[QKV_WEIGHT], shape=(sizes, config.hidden), partition_dim=0)),
@@ -65,8 +102,3 @@ def universal_checkpoint_info(config: GPTConfig, unmatched_patterns=(), omit_tp_
         ]
         widths = config.qkv_shard_widths()
         info[SUB_PARAM_SHARD_WIDTHS] = {QKV_WEIGHT: widths, QKV_BIAS: widths}
-    if config.partial_output_scale:
-        info[PARAMETER_TO_AVERAGE_PATTERNS] = [PARTIAL_OUTPUT_SCALE]
-    if unmatched_patterns:
-        info.setdefault(TP_REPLICATED_PARAMETER_PATTERNS, []).extend(unmatched_patterns)
-    return info
