@@ -184,6 +184,8 @@ def inspection_outputs(folder, category):
             "files.md",
             "parameters.csv",
             "parameters.md",
+            "experts.csv",
+            "experts.md",
             "args.csv",
             "args.md",
         ),

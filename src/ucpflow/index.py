@@ -18,6 +18,7 @@ from dataclasses import asdict, fields
 import pandas as pd
 
 from . import dsconst as C
+from .autoep import expert_params
 from .errors import CheckpointError
 from .layout import ZERO_PARTITION_GROUPS, Layout, RankFile, discover, load_structure
 from .patterns import COLUMN_PARALLEL, classify, unused_patterns
@@ -30,6 +31,7 @@ STEP = "step"
 FORMAT_MERGED = "merged"  # {param, cat_dim, ...} dicts per state, plus step.pt (ZeRO-1/2, ZeRO-3 with TP)
 FORMAT_FLAT = "flat"  # bare flat tensors (ZeRO-3 without TP)
 FORMAT_MODULE = "module"  # only fp32.pt from the model weights (no optimizer state, e.g. frozen)
+FORMAT_EXPERT = "expert"  # AutoEP fused experts: every EP rank's experts in one tensor, plus step.pt
 
 
 def shape_text(shape):
@@ -240,8 +242,10 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False):
         slice_shapes = {name: [shapes.get(name) for shapes in per_tp] for name in first_names}
         for shapes in per_tp[1:]:
             slice_shapes.update({n: [s.get(n) for s in per_tp] for n in shapes if n not in slice_shapes})
+        experts = {}
     else:
         slice_shapes = _stage12_shapes(layout)
+        experts = expert_params(layout, [(path, load_structure(path)) for path in layout.model_files], slice_shapes)
         rows = _stage12_fragments(layout, info)
 
     fragments = pd.DataFrame(rows, columns=["param", "state", "tp", "pp", "dp", "file", "tensor", "offset", "numel"])
@@ -255,6 +259,16 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False):
     params = []
     rules = []
     for name, shapes in slice_shapes.items():
+        if name in experts:
+            plan = experts[name]
+            states = sorted(set(fragments.loc[fragments["param"] == name, "state"]))
+            params.append(
+                dict(param=name, format=FORMAT_EXPERT, merge="", vocabulary=False,
+                     shapes=json.dumps([[plan["num_experts"], *plan["shape"]]]), states=",".join(states),
+                     numel=plan["num_experts"] * _numel(plan["shape"]), source="", tensor="",
+                     experts=json.dumps(plan))
+            )
+            continue
         if stage3_flat:
             rule_kind, vocab = COLUMN_PARALLEL, False
         else:
@@ -280,6 +294,7 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False):
                 numel=sum(_numel(s) for s in shapes if s is not None),
                 source="",
                 tensor="",
+                experts="",
             )
         )
     if strict and not stage3_flat:
@@ -304,6 +319,7 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False):
                     numel=tensor.numel,
                     source=path,
                     tensor=f"module/{name}",
+                    experts="",
                 )
             )
     params = pd.DataFrame(params)

@@ -212,7 +212,17 @@ def optimizer_state_job(layout_path, output):
 
 
 def copy_model_state_job(source, output):
-    copy_file(source, output)
+    """A model-state file as ds_to_universal writes it: copied, or for AutoEP rewritten with its expert patterns."""
+    from .autoep import universal_model_state
+
+    structure = universal_model_state(source)
+    if structure is None:
+        copy_file(source, output)
+    else:
+        from . import ptfile
+
+        remove_leftovers(output)
+        ptfile.save(structure, output)
 
 
 def finalize_job(output_folder, latest_path, keep_temp_folder):

@@ -185,12 +185,25 @@ def _autoep_metadata(structure):
     return structure.get(C.AUTOEP_LAYERS_KEY) or structure.get(C.AUTOEP_LAYERS_KEY_LEGACY)
 
 
-def _refuse_autoep(path, structure):
-    if _autoep_metadata(structure) is not None:
+def _refuse_autoep_zero3(path, structure):
+    """ZeRO-3 AutoEP: DeepSpeed converts only its partition-native format, and ucpflow not yet."""
+    layers = _autoep_metadata(structure)
+    if layers is None:
+        return
+    native = isinstance(layers, list) and any(
+        isinstance(layer, dict)
+        and layer.get(C.AUTOEP_ZERO3_EXPERT_STATE_FORMAT_KEY) == C.AUTOEP_ZERO3_PARTITIONED_EXPERT_STATE_FORMAT
+        for layer in layers
+    )
+    if not native:
         raise CheckpointError(
-            f"{path} carries AutoEP expert-parallel metadata, which ucpflow does not convert; "
-            "use `python -m deepspeed.checkpoint.ds_to_universal` for AutoEP checkpoints."
+            f"{path}: Stage 3 universal checkpoint conversion for AutoEP requires the partition-native "
+            "AutoEP ZeRO-3 checkpoint format."
         )
+    raise CheckpointError(
+        f"{path} is a ZeRO-3 partition-native AutoEP checkpoint, which ucpflow does not convert yet; "
+        "use `python -m deepspeed.checkpoint.ds_to_universal` for it."
+    )
 
 
 def _check_same_global_steps(model_meta):
@@ -215,8 +228,6 @@ def _discover_stage12(folder, stage):
     if layer_files and not _with_prefix(files, C.LAYER_FILE_PREFIX + "01"):
         raise CheckpointError(f"{folder} has pipeline layer files but no {C.LAYER_FILE_PREFIX}01* files.")
     model_meta = [(path, load_structure(path)) for path in model_files]
-    for path, meta in model_meta:
-        _refuse_autoep(path, meta)
     _check_same_global_steps(model_meta)
     prefix, zero_files = _zero_files(files)
     if not zero_files:
@@ -292,7 +303,7 @@ def _discover_stage3(folder, optim_files, stage):
         )
     model_meta = [(path, load_structure(path)) for path in model_files]
     for path, meta in model_meta:
-        _refuse_autoep(path, meta)
+        _refuse_autoep_zero3(path, meta)
     _check_same_global_steps(model_meta)
     first_meta = model_meta[0][1]
     return Layout(

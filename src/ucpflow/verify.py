@@ -30,6 +30,7 @@ import numpy as np
 from . import dsconst as C
 from . import ptfile
 from .errors import CheckpointError, UcpflowError
+from .autoep import universal_model_state_digest
 from .index import FORMAT_MODULE, OPTIMIZER_STATES, STEP
 from .layout import ZERO_PARTITION_GROUPS
 from .jobs import LATEST_UNIVERSAL, OPTIMIZER_STATE_FILE, STAGING, ZERO, load_layout, read_fragments, read_table
@@ -282,7 +283,7 @@ def verify_files(layout, output_folder, latest_path, param_names):
     for name, source in copies.items():
         target = output_folder / name
         actual = _file_digest(target) if target.is_file() else MISSING
-        expected = _file_digest(source)
+        expected = universal_model_state_digest(source, _file_digest)  # AutoEP rewrites it
         rows.append(_row(name, "copy", expected, actual, _status(expected, actual)))
     status = _optimizer_state_status(output_folder / ZERO / OPTIMIZER_STATE_FILE)
     rows.append(_row(OPTIMIZER_STATE_FILE, "file", "a dict", "a dict" if status == OK else status, status))
