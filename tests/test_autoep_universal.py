@@ -1,5 +1,5 @@
-"""DeepSpeed AutoEP (expert-parallel MoE) x ZeRO checkpoints of tiny Hugging Face models, converted by
-ucpflow and by ds_to_universal: identical; DeepSpeed resumes from both at EP1 and EP2 with equal losses.
+"""DeepSpeed AutoEP (expert-parallel MoE) x ZeRO-1/2/3 checkpoints of tiny Hugging Face models, converted
+by ucpflow and by ds_to_universal: identical; DeepSpeed resumes from both at EP1 and EP2 with equal losses.
 
 Each case trains 2 layers of 4 experts (top-2, hidden 32) on 2 CPU processes at EP2 for 2 steps, once
 per session (about 20 s): every rank holds 2 experts of each layer as fused w1/w2/w3 tensors.
@@ -19,9 +19,11 @@ CASES = {
     "mixtral_z1_fp32": dict(model="mixtral", ep=2, zero_stage=1, dtype="fp32"),
     "mixtral_z2_bf16": dict(model="mixtral", ep=2, zero_stage=2, dtype="bf16"),
     "qwen3_z2_bf16": dict(model="qwen3_moe", ep=2, zero_stage=2, dtype="bf16"),
+    # partition-native: each rank's zero_pp_rank_* files hold its experts, no per-expert files
+    "mixtral_z3_fp32": dict(model="mixtral", ep=2, zero_stage=3, dtype="fp32"),
 }
 # (case, AutoEP degree of the resumed run)
-RESUMES = [("mixtral_z1_fp32", 1), ("mixtral_z1_fp32", 2)]
+RESUMES = [("mixtral_z1_fp32", 1), ("mixtral_z1_fp32", 2), ("mixtral_z3_fp32", 1)]
 EXPERT = "model.layers.1.mlp.experts.w2"
 
 
@@ -113,7 +115,29 @@ def test_missing_expert_file_is_one_sentence(autoep_checkpoint, tmp_path):
         build_index(tag)
 
 
-def test_zero3_autoep_is_refused(autoep_checkpoint):
-    tag = autoep_checkpoint("mixtral_z3_fp32", ep=2, zero_stage=3, dtype="fp32")
-    with pytest.raises(CheckpointError, match="partition-native AutoEP checkpoint, which ucpflow does not convert"):
+def _rewrite_zero3_model_states(tag, change):
+    for path in tag.glob("zero_pp_rank_*_model_states.pt"):
+        state = torch.load(path, weights_only=False)
+        change(state)
+        torch.save(state, path)
+
+
+def test_zero3_autoep_not_partition_native_is_deepspeeds_sentence(autoep_checkpoint, tmp_path):
+    tag = copy_tag(autoep_checkpoint("mixtral_z3_fp32", **CASES["mixtral_z3_fp32"]), tmp_path / "checkpoint")
+
+    def legacy_format(state):
+        for layer in state["ds_autoep_layers"]:
+            layer["checkpoint_format"] = "per_expert_files"
+
+    _rewrite_zero3_model_states(tag, legacy_format)
+    with pytest.raises(CheckpointError, match="Stage 3 universal checkpoint conversion for AutoEP requires the "
+                                              "partition-native AutoEP ZeRO-3 checkpoint format"):
+        build_index(tag)
+
+
+def test_zero3_frozen_experts_are_refused(autoep_checkpoint, tmp_path):
+    tag = copy_tag(autoep_checkpoint("mixtral_z3_fp32", **CASES["mixtral_z3_fp32"]), tmp_path / "checkpoint")
+    _rewrite_zero3_model_states(tag, lambda state: state["frozen_param_shapes"].update({EXPERT: (2, 32, 64)}))
+    with pytest.raises(CheckpointError, match=r"^AutoEP frozen expert parameters cannot be converted from the "
+                                              r"ZeRO-3 partition-native format yet: \['model.layers.1.mlp.experts.w2'\]$"):
         build_index(tag)

@@ -8,6 +8,8 @@ different experts rather than pieces of one tensor. DeepSpeed's `autoep_universa
 EP rank's expert-data-parallel fragments into its num_local_experts experts, stacks the EP ranks
 into one [num_experts, ...] tensor and saves it with `is_expert_param` and `ep_num_experts`. The
 per-expert files `layer_{L}_expert_{E}_mp_rank_XX_model_states.pt` are checked, not converted.
+ZeRO-3's partition-native format has no per-expert files: each rank's own `ds_autoep_layers` names
+its EP rank, expert-data-parallel rank and the placement of the experts it holds.
 """
 
 import json
@@ -24,6 +26,7 @@ from .errors import CheckpointError
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 # What ds_to_universal writes into the copied model-state files of a ZeRO-1/2 conversion.
 UNIVERSAL_EXPERT_PATTERNS = [r"\.experts\.w[123]$"]
+ZERO3_EXPERT_PATTERN = r".*\.experts\.w[123]$"
 EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_*_model_states.pt"
 
 
@@ -131,6 +134,71 @@ def expert_params(layout, model_meta, slice_shapes):
     return plans
 
 
+def is_partitioned(layers):
+    """Whether `ds_autoep_layers` describes DeepSpeed's ZeRO-3 partition-native expert format."""
+    return isinstance(layers, list) and any(
+        isinstance(layer, dict)
+        and layer.get(C.AUTOEP_ZERO3_EXPERT_STATE_FORMAT_KEY) == C.AUTOEP_ZERO3_PARTITIONED_EXPERT_STATE_FORMAT
+        for layer in layers
+    )
+
+
+def zero3_expert_params(layout, model_meta):
+    """{parameter name: plan} of a ZeRO-3 partition-native AutoEP checkpoint, as ds_to_universal's
+    `_consolidate_zero3_autoep_expert_states`: each rank file's own layers say which EP rank and which
+    expert-data-parallel rank its expert partitions belong to."""
+    owners, layers_of = {}, {}
+    for dp, (path, meta) in enumerate(model_meta):
+        layers = autoep_metadata(meta)
+        if not is_partitioned(layers):
+            continue
+        shapes = {name: tuple(shape) for group in meta.get(C.PARAM_SHAPES) or [] for name, shape in group.items()}
+        names = [f"{layer[C.AUTOEP_EXPERT_KEY_PREFIX]}.{w}" for layer in layers if is_partitioned([layer])
+                 for w in EXPERT_WEIGHTS]
+        missing = sorted(name for name in names if name not in shapes)
+        if missing:
+            raise CheckpointError(f"AutoEP expert parameters are missing from rank {dp} ZeRO param_shapes: {missing}")
+        frozen = sorted(set(names) & set(meta.get("frozen_param_shapes") or {}))
+        if frozen:
+            raise CheckpointError(
+                f"AutoEP frozen expert parameters cannot be converted from the ZeRO-3 partition-native format yet: {frozen}")
+        for layer in layers:
+            if not is_partitioned([layer]):
+                continue
+            for weight in EXPERT_WEIGHTS:
+                name = f"{layer[C.AUTOEP_EXPERT_KEY_PREFIX]}.{weight}"
+                layers_of.setdefault(name, (layer, shapes[name]))
+                owners.setdefault(name, []).append((layer["ep_rank"], layer["expert_data_parallel_rank"], dp, layer))
+    plans = {}
+    for name, (layer, shape) in layers_of.items():
+        ranks = experts_by_placement(layer, name)
+        dp_ranks = []
+        for ep_rank in range(len(ranks)):
+            held = sorted((edp, dp, entry) for rank, edp, dp, entry in owners[name] if rank == ep_rank)
+            world = held[0][2]["expert_data_parallel_world_size"] if held else 0
+            if ranks[ep_rank] and [edp for edp, _, _ in held] != list(range(world or 1)):
+                raise CheckpointError(f"Incomplete AutoEP expert-DP fragments for {name} EP rank {ep_rank}: "
+                                      f"got {sorted(edp for edp, _, _ in held)}, expected {list(range(world or 1))}")
+            dp_ranks.append([dp for _, dp, _ in held])
+        plans[name] = dict(num_experts=layer[C.AUTOEP_NUM_EXPERTS], experts=ranks, dp_ranks=dp_ranks,
+                           shape=list(shape[1:]), layer=layer.get("moe_layer_id"), zero3=True)
+    return plans
+
+
+def experts_by_placement(layer, name):
+    """The global experts of each EP rank in its local packed order, from the layer's `expert_placement`."""
+    placement = layer.get(C.AUTOEP_EXPERT_PLACEMENT)
+    if placement is None:
+        return experts_by_rank(layer, name)
+    entries = {entry.get(C.AUTOEP_PLACEMENT_RANK): entry.get(C.AUTOEP_PLACEMENT_EXPERTS)
+               for entry in placement.get(C.AUTOEP_PLACEMENT_RANKS) or []}
+    ranks = [entries.get(rank) for rank in range(placement.get(C.AUTOEP_PLACEMENT_EP_SIZE) or 0)]
+    placed = sorted(e for experts in ranks if isinstance(experts, list) for e in experts)
+    if any(not isinstance(experts, list) for experts in ranks) or placed != list(range(layer[C.AUTOEP_NUM_EXPERTS])):
+        raise CheckpointError(f"Invalid AutoEP expert placement for {name}: every expert must lie on exactly one EP rank.")
+    return ranks
+
+
 def check_expert_files(folder, layer, prefix):
     """Each expert of the layer has exactly one per-expert file holding its w1/w2/w3, as DeepSpeed requires."""
     import glob
@@ -160,7 +228,7 @@ def merge_expert_parameter(reader, row, frags, save):
     for frag in frags:
         by_state.setdefault(frag.state, {}).setdefault(frag.dp, []).append(frag)
     steps = [reader.value(f.file, f.tensor) for dp in sorted(by_state.get(STEP, {})) for f in by_state[STEP][dp]]
-    if not steps:
+    if not steps and not plan.get("zero3"):
         raise CheckpointError(f"Missing AutoEP optimizer step for {name}.")
     if not all(_same_value(step, steps[0]) for step in steps[1:]):
         raise CheckpointError(f"Inconsistent AutoEP optimizer steps for {name}.")
@@ -185,7 +253,8 @@ def merge_expert_parameter(reader, row, frags, save):
             full[experts] = local.reshape((len(experts), *rest))
         save(state, {C.PARAM: ptfile.ArrayTensor(full, "float32"), C.CAT_DIM: 0, C.EP_IS_EXPERT_PARAM: True,
                      C.EP_NUM_EXPERTS: num_experts})
-    save(STEP, steps[0])
+    if not plan.get("zero3"):
+        save(STEP, steps[0])
 
 
 def universal_model_state(source):
@@ -195,6 +264,11 @@ def universal_model_state(source):
     structure = ptfile.load(source)
     if autoep_metadata(structure) is None:
         return None
+    if is_partitioned(autoep_metadata(structure)):  # ZeRO-3: the file's own layers, another pattern
+        info = structure.setdefault(C.UNIVERSAL_CHECKPOINT_INFO, {})
+        info[C.EXPERT_PARAMETER_PATTERNS] = [ZERO3_EXPERT_PATTERN]
+        info[C.AUTOEP_LAYERS_KEY] = autoep_metadata(structure)
+        return structure
     folder = os.path.dirname(source)
     siblings = sorted(f for f in os.listdir(folder) if re.fullmatch(r"mp_rank_\d+_model_states\.pt", f))
     layers, _ = aggregate_metadata([(name, ptfile.load(os.path.join(folder, name))) for name in siblings])

@@ -18,7 +18,7 @@ from dataclasses import asdict, fields
 import pandas as pd
 
 from . import dsconst as C
-from .autoep import expert_params
+from .autoep import expert_params, zero3_expert_params
 from .errors import CheckpointError
 from .layout import ZERO_PARTITION_GROUPS, Layout, RankFile, discover, load_structure
 from .patterns import COLUMN_PARALLEL, classify, unused_patterns
@@ -242,7 +242,7 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False):
         slice_shapes = {name: [shapes.get(name) for shapes in per_tp] for name in first_names}
         for shapes in per_tp[1:]:
             slice_shapes.update({n: [s.get(n) for s in per_tp] for n in shapes if n not in slice_shapes})
-        experts = {}
+        experts = zero3_expert_params(layout, [(path, load_structure(path)) for path in layout.model_files])
     else:
         slice_shapes = _stage12_shapes(layout)
         experts = expert_params(layout, [(path, load_structure(path)) for path in layout.model_files], slice_shapes)

@@ -185,25 +185,23 @@ def _autoep_metadata(structure):
     return structure.get(C.AUTOEP_LAYERS_KEY) or structure.get(C.AUTOEP_LAYERS_KEY_LEGACY)
 
 
-def _refuse_autoep_zero3(path, structure):
-    """ZeRO-3 AutoEP: DeepSpeed converts only its partition-native format, and ucpflow not yet."""
+def _check_autoep_zero3(path, structure, tp):
+    """ZeRO-3 AutoEP converts only from DeepSpeed's partition-native format, and without AutoTP folding."""
+    from .autoep import is_partitioned
+
     layers = _autoep_metadata(structure)
     if layers is None:
         return
-    native = isinstance(layers, list) and any(
-        isinstance(layer, dict)
-        and layer.get(C.AUTOEP_ZERO3_EXPERT_STATE_FORMAT_KEY) == C.AUTOEP_ZERO3_PARTITIONED_EXPERT_STATE_FORMAT
-        for layer in layers
-    )
-    if not native:
+    if not is_partitioned(layers):
         raise CheckpointError(
             f"{path}: Stage 3 universal checkpoint conversion for AutoEP requires the partition-native "
             "AutoEP ZeRO-3 checkpoint format."
         )
-    raise CheckpointError(
-        f"{path} is a ZeRO-3 partition-native AutoEP checkpoint, which ucpflow does not convert yet; "
-        "use `python -m deepspeed.checkpoint.ds_to_universal` for it."
-    )
+    if tp > 1:
+        raise CheckpointError(
+            f"{path}: Universal checkpoint conversion of an AutoEP + AutoTP folded ZeRO-3 checkpoint is not "
+            "supported yet. Load it with the same topology."
+        )
 
 
 def _check_same_global_steps(model_meta):
@@ -303,7 +301,7 @@ def _discover_stage3(folder, optim_files, stage):
         )
     model_meta = [(path, load_structure(path)) for path in model_files]
     for path, meta in model_meta:
-        _refuse_autoep_zero3(path, meta)
+        _check_autoep_zero3(path, meta, tp)
     _check_same_global_steps(model_meta)
     first_meta = model_meta[0][1]
     return Layout(

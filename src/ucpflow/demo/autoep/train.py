@@ -1,4 +1,4 @@
-"""Train a tiny Hugging Face MoE causal LM with DeepSpeed AutoEP expert parallelism x ZeRO data parallelism.
+"""Train a tiny Hugging Face MoE causal LM with DeepSpeed AutoEP expert parallelism x ZeRO-1/2/3 data parallelism.
 
     deepspeed --num_gpus 2 --master_port PORT train.py --ep 2 --zero-stage 1 --save-dir DIR
     deepspeed --num_gpus 2 --master_port PORT train.py --ep 1 --zero-stage 1 \\
