@@ -231,6 +231,8 @@ def inspection_outputs(folder, category):
             "files.md",
             "parameters.csv",
             "parameters.md",
+            "experts.csv",
+            "experts.md",
             "args.csv",
             "args.md",
         ),

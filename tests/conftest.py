@@ -11,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from ucpflow.demo.autoep import launch as autoep_launch  # noqa: E402
 from ucpflow.demo.autotp import launch as autotp_launch  # noqa: E402
 from ucpflow.demo.hftrainer import launch as hftrainer_launch  # noqa: E402
 from ucpflow.demo.megatron import launch as megatron_launch  # noqa: E402
@@ -85,6 +86,12 @@ def trainer_checkpoint(checkpoint_cache):
 def autotp_checkpoint(checkpoint_cache):
     """build(name, tp=, dp=, zero_stage=, **options) -> tag folder of a tiny HF model's AutoTP x ZeRO checkpoint."""
     return cached_builder(checkpoint_cache, "autotp-", autotp_launch.build_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def autoep_checkpoint(checkpoint_cache):
+    """build(name, ep=, zero_stage=, **options) -> tag folder of a tiny HF MoE model's AutoEP x ZeRO checkpoint."""
+    return cached_builder(checkpoint_cache, "autoep-", autoep_launch.build_checkpoint)
 
 
 def snakemake(workdir, *args, config=None, check=False, timeout=900):

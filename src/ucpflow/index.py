@@ -19,6 +19,7 @@ from dataclasses import asdict, fields
 import pandas as pd
 
 from . import dsconst as C
+from .autoep import expert_params, zero3_expert_params
 from .errors import CheckpointError
 from .hfconfig import find_model_config
 from .layout import ZERO_PARTITION_GROUPS, Layout, RankFile, discover, load_structure
@@ -32,6 +33,7 @@ STEP = "step"
 FORMAT_MERGED = "merged"  # {param, cat_dim, ...} dicts per state, plus step.pt (ZeRO-1/2, ZeRO-3 with TP)
 FORMAT_FLAT = "flat"  # bare flat tensors (ZeRO-3 without TP)
 FORMAT_MODULE = "module"  # only fp32.pt from the model weights (no optimizer state, e.g. frozen)
+FORMAT_EXPERT = "expert"  # AutoEP fused experts: every EP rank's experts in one tensor, plus step.pt
 
 
 def shape_text(shape):
@@ -258,8 +260,10 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False, model_
         slice_shapes = {name: [shapes.get(name) for shapes in per_tp] for name in first_names}
         for shapes in per_tp[1:]:
             slice_shapes.update({n: [s.get(n) for s in per_tp] for n in shapes if n not in slice_shapes})
+        experts = zero3_expert_params(layout, [(path, load_structure(path)) for path in layout.model_files])
     else:
         slice_shapes = _stage12_shapes(layout)
+        experts = expert_params(layout, [(path, load_structure(path)) for path in layout.model_files], slice_shapes)
         rows = _stage12_fragments(layout, info)
 
     fragments = pd.DataFrame(rows, columns=["param", "state", "tp", "pp", "dp", "file", "tensor", "offset", "numel"])
@@ -273,6 +277,16 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False, model_
     params = []
     rules = []
     for name, shapes in slice_shapes.items():
+        if name in experts:
+            plan = experts[name]
+            states = sorted(set(fragments.loc[fragments["param"] == name, "state"]))
+            params.append(
+                dict(param=name, format=FORMAT_EXPERT, merge="", vocabulary=False,
+                     shapes=json.dumps([[plan["num_experts"], *plan["shape"]]]), states=",".join(states),
+                     numel=plan["num_experts"] * _numel(plan["shape"]), source="", tensor="",
+                     experts=json.dumps(plan))
+            )
+            continue
         if stage3_flat:
             rule_kind, vocab = COLUMN_PARALLEL, False
         else:
@@ -298,6 +312,7 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False, model_
                 numel=sum(_numel(s) for s in shapes if s is not None),
                 source="",
                 tensor="",
+                experts="",
             )
         )
     if strict and not stage3_flat:
@@ -322,6 +337,7 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False, model_
                     numel=tensor.numel,
                     source=path,
                     tensor=f"module/{name}",
+                    experts="",
                 )
             )
     params = pd.DataFrame(params)

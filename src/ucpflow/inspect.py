@@ -26,9 +26,14 @@ MAX_LIST_ITEMS = 8
 CONCATENATED = (COLUMN_PARALLEL, ROW_PARALLEL, TWO_SUB_PARAMS, SUB_PARAMS)
 
 
+EXPERT_FILE_PATTERN = r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt"
+
+
 def file_kind(name):
     if name.endswith(C.OPTIM_FILE_SUFFIX):
         return "optimizer"
+    if re.fullmatch(EXPERT_FILE_PATTERN, name):
+        return "expert"
     if re.fullmatch(LAYER_FILE_PATTERN, name):
         return "layer"
     if name.endswith(C.MODEL_FILE_SUFFIX):
@@ -44,6 +49,9 @@ def _ranks_from_name(name):
     layer = re.fullmatch(r"layer_(\d+)-model_(\d+)-model_states\.pt", name)
     if layer:
         ranks["layer"], ranks["tp"] = int(layer.group(1)), int(layer.group(2))
+    expert = re.fullmatch(EXPERT_FILE_PATTERN, name)
+    if expert:
+        ranks["layer"] = int(expert.group(1))
     model = re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", name)
     if model:
         ranks["mp"] = int(model.group(1))
@@ -101,6 +109,10 @@ def _model_dtypes(layout):
             if isinstance(tensor, ptfile.TensorRef):
                 dtypes.setdefault(f"{layer}.{key}", tensor.dtype)
                 dtypes.setdefault(f"tied_modules.embed.{key}", tensor.dtype)
+    for path in sorted(Path(layout.folder).glob("layer_*_expert_0_mp_rank_*_model_states.pt")):
+        for key, tensor in ptfile.load(path).items():
+            if isinstance(tensor, ptfile.TensorRef):  # <expert_key_prefix>.w1.0: expert 0 of the fused w1
+                dtypes.setdefault(key.rsplit(".", 1)[0], tensor.dtype)
     return dtypes
 
 
@@ -118,12 +130,41 @@ def parameters_table(layout, info, fragments, params):
             dtype=dtypes.get(row["param"], ""),
             numel=math.prod(shape),
             pp_stage=first_stage.get(row["param"], ""),
-            tp_merge=(row["merge"] or "model weights only") + (" + vocabulary" if row["vocabulary"] else ""),
+            tp_merge=_merge_text(row),
             states=row["states"],
             bytes=row["bytes"],
             merge_job=row.get("bucket", ""),
         ))
     return pd.DataFrame(rows, columns=PARAMETER_COLUMNS)
+
+
+def _merge_text(row):
+    if row["format"] == "expert":
+        return "AutoEP experts"
+    return (row["merge"] or "model weights only") + (" + vocabulary" if row["vocabulary"] else "")
+
+
+def _ranges(ids):
+    """'0-1' for [0, 1], '0,2' for [0, 2]."""
+    if ids and list(ids) == list(range(ids[0], ids[-1] + 1)) and len(ids) > 1:
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(str(i) for i in ids)
+
+
+def experts_table(params):
+    """One row per AutoEP fused expert parameter: its experts, where each EP rank's experts come from, bytes."""
+    rows = []
+    for row in params.to_dict("records"):
+        if row["format"] != "expert":
+            continue
+        plan = json.loads(row["experts"])
+        placement = "; ".join(
+            f"ep {rank}: experts {_ranges(experts)} (dp {_ranges(dp)})"
+            for rank, (experts, dp) in enumerate(zip(plan["experts"], plan["dp_ranks"]))
+        )
+        rows.append(dict(param=row["param"], moe_layer=plan["layer"], experts=plan["num_experts"],
+                         ep_size=len(plan["experts"]), placement=placement, bytes=row["bytes"]))
+    return pd.DataFrame(rows, columns=EXPERT_COLUMNS)
 
 
 def _args_table(folder, layout):
@@ -159,8 +200,14 @@ def conversion_tables(layout, info, fragments, params):
 
     state = ptfile.load(layout.model_files[0])
     summary["exports"] = export_overview(state.get("args"), state.get("checkpoint_version"), params)
+    experts = experts_table(params)
+    if len(experts):
+        summary.update(moe_layers=int(experts["moe_layer"].nunique()), experts=int(experts["experts"].max()),
+                       ep_size=int(experts["ep_size"].max()), expert_bytes=int(experts["bytes"].sum()),
+                       expert_placement=experts["placement"].iloc[0])
     tables = {
         "parameters": parameters_table(layout, info, fragments, params),
+        "experts": experts,
         "files": files_table(layout.folder, layout),
         "args": _args_table(layout.folder, layout),
     }
@@ -194,6 +241,7 @@ def _blocked(summary, folder, layout, problem):
     summary["blockers"] = [str(item) for item in problem] if isinstance(problem, list) else [str(problem)]
     tables = {
         "parameters": pd.DataFrame(columns=PARAMETER_COLUMNS),
+        "experts": pd.DataFrame(columns=EXPERT_COLUMNS),
         "files": files_table(folder, layout),
         "args": _args_table(folder, layout),
     }
@@ -201,6 +249,7 @@ def _blocked(summary, folder, layout, problem):
 
 
 PARAMETER_COLUMNS = ["param", "shape", "dtype", "numel", "pp_stage", "tp_merge", "states", "bytes", "merge_job"]
+EXPERT_COLUMNS = ["param", "moe_layer", "experts", "ep_size", "placement", "bytes"]
 
 
 SVG_COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7"]
@@ -251,6 +300,11 @@ def summary_text(summary):
     if "parameters" in summary:
         lines.append(f"  {summary['parameters']} parameters, {summary['universal_bytes'] / 2**20:.1f} MiB of universal output")
     lines += [f"  {line}" for line in summary.get("exports") or ()]
+    if "experts" in summary:
+        lines.append(
+            f"  AutoEP: {summary['moe_layers']} MoE layers of {summary['experts']} experts, ep={summary['ep_size']} "
+            f"({summary['expert_placement']}), {summary['expert_bytes'] / 2**20:.1f} MiB of expert output"
+        )
     if summary["blockers"]:
         lines.append("  Conversion is blocked:")
         lines += [f"    - {problem}" for problem in summary["blockers"]]

@@ -245,11 +245,18 @@ def optimizer_state_job(layout_path, output):
 
 
 def copy_model_state_job(source, output, output_folder):
-    retract_latest_universal(output_folder)
-    from .ptfile import load
+    """A model-state file as ds_to_universal writes it: copied, or for AutoEP rewritten with its expert patterns
+    (either way read first through the restricted loader, so a file naming a disallowed global is refused)."""
+    from . import ptfile
+    from .autoep import universal_model_state
 
-    load(source)  # the copy is verbatim: refuse a file that names a global outside the allowlist first
-    copy_file(source, output)
+    retract_latest_universal(output_folder)
+    structure = universal_model_state(source)
+    if structure is None:
+        copy_file(source, output)
+    else:
+        remove_leftovers(output)
+        ptfile.save(structure, output)
 
 
 def demo_checkpoint_job(spec, latest_output):

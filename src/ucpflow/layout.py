@@ -185,11 +185,22 @@ def _autoep_metadata(structure):
     return structure.get(C.AUTOEP_LAYERS_KEY) or structure.get(C.AUTOEP_LAYERS_KEY_LEGACY)
 
 
-def _refuse_autoep(path, structure):
-    if _autoep_metadata(structure) is not None:
+def _check_autoep_zero3(path, structure, tp):
+    """ZeRO-3 AutoEP converts only from DeepSpeed's partition-native format, and without AutoTP folding."""
+    from .autoep import is_partitioned
+
+    layers = _autoep_metadata(structure)
+    if layers is None:
+        return
+    if not is_partitioned(layers):
         raise CheckpointError(
-            f"{path} carries AutoEP expert-parallel metadata, which ucpflow does not convert; "
-            "use `python -m deepspeed.checkpoint.ds_to_universal` for AutoEP checkpoints."
+            f"{path}: Stage 3 universal checkpoint conversion for AutoEP requires the partition-native "
+            "AutoEP ZeRO-3 checkpoint format."
+        )
+    if tp > 1:
+        raise CheckpointError(
+            f"{path}: Universal checkpoint conversion of an AutoEP + AutoTP folded ZeRO-3 checkpoint is not "
+            "supported yet. Load it with the same topology."
         )
 
 
@@ -215,8 +226,6 @@ def _discover_stage12(folder, stage):
     if layer_files and not _with_prefix(files, C.LAYER_FILE_PREFIX + "01"):
         raise CheckpointError(f"{folder} has pipeline layer files but no {C.LAYER_FILE_PREFIX}01* files.")
     model_meta = [(path, load_structure(path)) for path in model_files]
-    for path, meta in model_meta:
-        _refuse_autoep(path, meta)
     _check_same_global_steps(model_meta)
     prefix, zero_files = _zero_files(files)
     if not zero_files:
@@ -292,7 +301,7 @@ def _discover_stage3(folder, optim_files, stage):
         )
     model_meta = [(path, load_structure(path)) for path in model_files]
     for path, meta in model_meta:
-        _refuse_autoep(path, meta)
+        _check_autoep_zero3(path, meta, tp)
     _check_same_global_steps(model_meta)
     first_meta = model_meta[0][1]
     return Layout(

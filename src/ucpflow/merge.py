@@ -16,7 +16,7 @@ import numpy as np
 from . import dsconst as C
 from . import ptfile
 from .errors import CheckpointError
-from .index import FORMAT_FLAT, FORMAT_MODULE, OPTIMIZER_STATES, STEP
+from .index import FORMAT_EXPERT, FORMAT_FLAT, FORMAT_MODULE, OPTIMIZER_STATES, STEP
 from .patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS
 from .ptfile import ArrayTensor
 
@@ -326,6 +326,12 @@ def merge_parameter(reader, row, frags, rule, info, tp_degree, folder):
         dtype, _, numel, _ = reader.locate(row["source"], row["tensor"])
         data, dtype = reader.view(row["source"], row["tensor"], 0, numel)
         save("fp32", {C.PARAM: ArrayTensor(_float32(data, dtype).reshape(shapes[0]), "float32")})
+        return written
+
+    if row["format"] == FORMAT_EXPERT:
+        from .autoep import merge_expert_parameter
+
+        merge_expert_parameter(reader, row, frags, save)
         return written
 
     by_state_tp = {}
