@@ -24,7 +24,7 @@ def pytest_configure(config):
 
 
 # Where the checkpoints DeepSpeed trains for the tests come from: every test that needs one is slow.
-CHECKPOINT_FIXTURES = {"checkpoint_cache"}
+CHECKPOINT_FIXTURES = {"checkpoint_cache", "deepspeed_checkpoint"}
 
 
 def pytest_collection_modifyitems(config, items):

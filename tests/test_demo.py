@@ -8,6 +8,7 @@ from ucpflow.demo.launch import build_checkpoint
 from ucpflow.errors import UcpflowError
 
 
+@pytest.mark.deepspeed
 def test_build_checkpoint_writes_deepspeed_bf16_zero_checkpoint(tmp_path):
     save_dir = tmp_path / "ckpt"
     tag_folder = build_checkpoint(save_dir, num_procs=2, zero_stage=1, dtype="bf16", layers=1, hidden=32, heads=2,

@@ -16,6 +16,7 @@ from ucpflow.errors import UcpflowError
 TINY_FP32 = dict(layers=2, hidden=32, heads=4, vocab=50, seq=8, steps=2, dtype="fp32", global_batch=4)
 
 
+@pytest.mark.deepspeed
 def test_tensor_parallel_training_matches_a_single_process(tmp_path):
     # Same global weights and data: the loss before the first update tests the forward, the loss
     # after it tests the gradients that went through the tensor-parallel collectives.

@@ -37,6 +37,11 @@ TORCH = {
     "torch._utils._rebuild_parameter",
     "torch._utils._rebuild_parameter_with_state",
     "torch._tensor._rebuild_from_type_v2",
+    # Other tensor kinds torch itself loads with weights_only (ucpflow then says it cannot read them).
+    "torch._utils._rebuild_sparse_tensor",
+    "torch._utils._rebuild_qtensor",
+    "torch._utils._rebuild_meta_tensor_no_storage",
+    "torch.serialization._get_layout",
     "torch.Tensor",
     "torch.Size",
     "torch.device",
