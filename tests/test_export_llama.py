@@ -15,7 +15,7 @@ import torch
 from conftest import ds_to_universal, snakemake
 from export_cases import LLAMA_PER_GROUP, LLAMA_PER_SLICE, model_options, universal_checkpoint
 from test_export_hf import load_with_captured_logs
-from test_export_megatron import DTYPES, load_ranks, rank_name
+from test_export_megatron import DTYPES, load_ranks
 from universal_compare import compare_universal
 
 from ucpflow.demo.megatron.config import GPTConfig

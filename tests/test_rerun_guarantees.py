@@ -2,6 +2,7 @@
 files, or a SIGKILL followed by deletions, the same command ends in the conversion of what the input holds
 now (equal to ds_to_universal's), and a run that fails leaves no completion marker."""
 
+import csv
 import os
 import random
 import shutil
@@ -12,7 +13,7 @@ from conftest import copy_tag, ds_to_universal
 from many_parameters import many_parameters  # noqa: F401  (pytest fixture)
 from test_kill_resume import MOMENTS, Conversion
 from universal_compare import compare_universal
-from workflow_runs import kill_session, run_workflow, start_workflow, unfinished_entries, wait_until
+from workflow_runs import SHOW_JOBS, kill_session, run_workflow, start_workflow, unfinished_entries, wait_until
 
 from ucpflow.signature import derived_folder
 
@@ -155,3 +156,22 @@ def test_outputs_have_ordinary_permissions(small, tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert modes == {0o666 & ~umask} and folders == {0o777 & ~umask}
+
+
+def test_default_console_is_one_line_per_job_of_note_and_no_warnings(small, tmp_path):
+    """The default profile's console: no warnings, a line per merge job, and the closing summary."""
+    tag, _ = small
+    run = Run(tmp_path, tag)
+    quiet_command = [part for part in run.command if part not in SHOW_JOBS]
+    returncode, output = run_workflow(quiet_command, tmp_path / "quiet.log")
+
+    assert returncode == 0, output[-3000:]
+    lines = output.splitlines()
+    assert not [line for line in lines if "warn" in line.lower()]
+    merges = [line for line in lines if line.startswith("ucpflow: merge b")]
+    with open(derived_folder(run.work) / "index" / "params.tsv", newline="") as table:
+        buckets = {row["bucket"] for row in csv.DictReader(table, delimiter="\t")}
+    assert len(merges) == len(buckets) and all("merged" in line for line in merges)
+    [summary] = [line for line in lines if line.startswith("ucpflow: wrote ")]
+    assert str(run.output) in summary and "load_universal" in summary and str(run.output.parent) in summary
+    assert len(lines) < 60

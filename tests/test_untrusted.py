@@ -6,14 +6,12 @@ conversion, `snakemake inspect`, `verify`, `megatron` and `hf`; none of them run
 runs anything under `torch.load(weights_only=False)`. Real saves of every kind the suite builds pass the
 allowlist, and hostile sizes fail in one sentence without exhausting memory."""
 
-import os
 import pickletools
 import shutil
 import struct
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch

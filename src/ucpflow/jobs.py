@@ -12,7 +12,7 @@ from . import dsconst as C
 from .errors import CheckpointError
 from .extract import KIND_MODEL, KIND_ZERO3, KIND_ZERO12
 from .fileio import atomic_directory, atomic_writer, copy_file, remove_leftovers, write_text
-from .markers import LATEST_UNIVERSAL, latest_universal_path, retract_latest_universal
+from .markers import retract_latest_universal
 from .signature import is_signature
 
 STAGING = "tmp"

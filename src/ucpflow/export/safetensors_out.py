@@ -6,7 +6,6 @@ safetensors library lays them out (larger items first, then by name).
 
 import json
 import math
-import os
 
 import numpy as np
 

@@ -9,7 +9,8 @@ from .. import dsconst as C
 from .. import ptfile
 from ..autoep import universal_model_state_digest
 from ..errors import CheckpointError
-from ..jobs import LATEST_UNIVERSAL, OPTIMIZER_STATE_FILE, STAGING, ZERO
+from ..jobs import OPTIMIZER_STATE_FILE, STAGING, ZERO
+from ..markers import LATEST_UNIVERSAL
 from .digest import short_text, structure_text
 from .report import MISSING, UNEXPECTED, UNREADABLE, WRONG_METADATA, row, status_of
 
