@@ -81,6 +81,18 @@ def test_verify_checks_the_expert_parameters(converted):
     assert sorted(row[1] for row in expert_rows) == ["exp_avg", "exp_avg_sq", "fp32", "step"]
     assert {row[4] for row in expert_rows} == {"ok"}
 
+    # Experts in the wrong order (the first two swapped) keep every element, but not its place.
+    path = ours / "zero" / EXPERT / "fp32.pt"
+    original = path.read_bytes()
+    state = torch.load(path, weights_only=False)
+    state["param"] = state["param"][[1, 0, *range(2, state["param"].shape[0])]].clone()
+    torch.save(state, path)
+    try:
+        result = snakemake(config["output_folder"].parent.parent / "run", "verify", "--forcerun", "verify", config=config)
+    finally:
+        path.write_bytes(original)
+    assert result.returncode != 0 and EXPERT in result.stderr
+
 
 @pytest.mark.parametrize("case, ep", RESUMES)
 def test_resume_at_ep_degree_matches_deepspeed(case, ep, converted, tmp_path):

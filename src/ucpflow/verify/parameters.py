@@ -8,11 +8,11 @@ import numpy as np
 from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
-from ..index import FORMAT_MODULE, OPTIMIZER_STATES, STEP
+from ..index import FORMAT_EXPERT, FORMAT_MODULE, OPTIMIZER_STATES, STEP
 from ..jobs import ZERO
 from ..patterns import AFFINE, AVERAGE, REPLICATED, classify
 from .digest import CHUNK, Checksum, position_sum, run_sum, structure_text, tensor_checksum
-from .placement import DROPPED, geometry
+from .placement import DROPPED, expert_geometry, geometry
 from .report import (MISMATCH, MISSING, NOT_CHECKED, OK, TP_RANKS_DIFFER, UNEXPECTED, UNREADABLE, WRONG_METADATA,
                      WRONG_SHAPE, row)  # fmt: skip
 
@@ -199,7 +199,10 @@ def verify_parameter(reader, universal, param_row, fragments, info, tp_degree):
         if state not in by_state:
             continue
         slices = SourceSlices(reader, by_state[state])
-        shape_geometry = geometry(param_row, rule, info, tp_degree, state)
+        if param_row["format"] == FORMAT_EXPERT:
+            shape_geometry = expert_geometry(param_row, by_state[state])
+        else:
+            shape_geometry = geometry(param_row, rule, info, tp_degree, state)
         checksum, status = expected_checksum(slices, shape_geometry, tp_degree, state)
         expected = (shape_geometry.keys, slices.dtype(), shape_geometry.shape, checksum)
         rows.append(compare(param, state, expected, universal.load(param, state), status))

@@ -251,3 +251,34 @@ def geometry(row, rule, info, tp_degree, state):
         shape = (rows, *shape[1:])
         keys.append(f"{C.VOCAB_TENSOR}=True")
     return Geometry(rule.kind, tuple(shape), (*keys, "param"), runs, limit)
+
+
+def expert_geometry(row, fragments):
+    """AutoEP fused experts: one [num_experts, ...] tensor per state, EP rank e's experts (plan `experts`[e])
+    taken from the fragments of its dp ranks (plan `dp_ranks`[e]) in turn, each expert a block of elements."""
+    plan = json.loads(row["experts"])
+    block = math.prod(plan["shape"])
+    merge_start = {}  # fragment index -> (EP rank, element offset in that rank's stream), in the merge's order
+    for ep_rank, dp_ranks in enumerate(plan["dp_ranks"]):
+        offset = 0
+        for dp in dp_ranks:
+            for index, fragment in enumerate(fragments):
+                if fragment.dp == dp:
+                    merge_start[index] = (ep_rank, offset)
+                    offset += fragment.numel
+    starts, targets, local = [], [], 0
+    for index in sorted(range(len(fragments)), key=lambda i: (fragments[i].tp, fragments[i].dp)):
+        ep_rank, position = merge_start.get(index, (None, 0))
+        remaining, start = fragments[index].numel, local
+        while remaining > 0:
+            expert, within = divmod(position, block)
+            length = min(block - within, remaining)
+            if ep_rank is None or expert >= len(plan["experts"][ep_rank]):
+                raise CheckpointError(f"The AutoEP fragments of {row['param']} hold more elements than its experts.")
+            starts.append(start)
+            targets.append(plan["experts"][ep_rank][expert] * block + within)
+            start, position, remaining = start + length, position + length, remaining - length
+        local += fragments[index].numel
+    keys = (C.PARAM, f"{C.CAT_DIM}=0", f"{C.EP_IS_EXPERT_PARAM}=True", f"{C.EP_NUM_EXPERTS}={plan['num_experts']}")
+    runs = {0: Runs(starts, targets)} if starts else {}
+    return Geometry("expert", (plan["num_experts"], *plan["shape"]), keys, runs)
