@@ -1,0 +1,81 @@
+"""Reading a checkpoint's zip container: checks on the file and its records, then `load`."""
+
+import os
+import zipfile
+
+from ..errors import CheckpointError
+from .unpickler import UntrustedGlobalError, _Reader
+
+_LEGACY_MAGIC = b"l\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number that starts pre-1.6 files
+
+
+def _open_error(path, exc):
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointError(f"Checkpoint file {path} does not exist.")
+    if isinstance(exc, IsADirectoryError):
+        return CheckpointError(f"Checkpoint file {path} is a directory, not a file.")
+    return CheckpointError(f"Checkpoint file {path} cannot be read: {exc.strerror or exc}.")
+
+
+def load(path, findings=None):
+    """The object pickled in checkpoint `path`, with tensors as `TensorRef` (no tensor data is read).
+
+    Raises CheckpointError when the file is missing, not a PyTorch zip checkpoint, truncated,
+    in the legacy pre-1.6 format, inconsistent with its own records or beyond the resource limits,
+    and UntrustedGlobalError when it names a global outside the allowlist — unless `findings` is a
+    list, which then receives them (untrusted.Finding) while the stand-ins are returned.
+    """
+    path = os.fspath(path)
+    try:
+        file = open(path, "rb")
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    with file:
+        head = file.read(32)
+        if not head.startswith(b"PK\x03\x04"):
+            if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+                raise CheckpointError(
+                    f"Checkpoint file {path} is in PyTorch's legacy pre-1.6 format; load and re-save it "
+                    f"with a current torch.save to convert it to the zip format."
+                )
+            raise CheckpointError(f"Checkpoint file {path} is not a PyTorch checkpoint (it is not a zip archive).")
+        try:
+            zip_file = zipfile.ZipFile(file)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            raise CheckpointError(
+                f"Checkpoint file {path} is truncated or corrupt: its zip central directory cannot be read."
+            ) from None
+        infos = zip_file.infolist()
+        prefix = infos[0].filename.split("/")[0] + "/" if infos and "/" in infos[0].filename else ""
+        records = {info.filename[len(prefix) :]: info for info in infos if info.filename.startswith(prefix)}
+        if "data.pkl" not in records:
+            raise CheckpointError(f"Checkpoint file {path} has no data.pkl record, so torch.save did not write it.")
+        file_size = os.fstat(file.fileno()).st_size
+        byteorder = records.get("byteorder")
+        if byteorder is not None and _read_record(path, zip_file, byteorder, file_size) != b"little":
+            raise CheckpointError(f"Checkpoint file {path} was saved big-endian, which ucpflow cannot read.")
+        data = _read_record(path, zip_file, records["data.pkl"], file_size)
+        result, found = _Reader(path, file.fileno(), records).unpickle(data)
+    if found and findings is None:
+        raise UntrustedGlobalError(found)
+    if findings is not None:
+        findings.extend(found)
+    return result
+
+
+def _read_record(path, zip_file, info, file_size):
+    """A small record's bytes, refusing what no torch.save writes: compressed records (a decompression bomb
+    would expand without bound) and sizes beyond the file's."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointError(
+            f"Checkpoint file {path} is refused: its record {info.filename} is compressed, which torch.save never does."
+        )
+    if info.file_size > file_size:
+        raise CheckpointError(
+            f"Checkpoint file {path} is refused: its record {info.filename} claims {info.file_size} bytes, "
+            f"more than the file's {file_size}."
+        )
+    try:
+        return zip_file.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"Checkpoint file {path} has a damaged {info.filename} record ({exc}).") from None
