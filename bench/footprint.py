@@ -30,6 +30,10 @@ def inodes(folder, skip=None):
 def footprint(folder, shared_inodes=frozenset()):
     """Files and bytes under `folder` (nothing if it does not exist)."""
     total = Footprint()
+    if os.path.isfile(folder):
+        stat = os.lstat(folder)
+        extra = 0 if (stat.st_dev, stat.st_ino) in shared_inodes else stat.st_size
+        return Footprint(files=1, bytes=stat.st_size, extra_bytes=extra)
     for root, _, names in os.walk(folder):
         for name in names:
             stat = os.lstat(os.path.join(root, name))

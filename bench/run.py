@@ -21,6 +21,7 @@ from bench.measure import run_measured
 from bench.profile import profile_run
 from bench.scale import snakemake_env, time_dry_run
 from bench.workflow import snapshot_workflow, workflow_fingerprint
+from ucpflow.signature import is_signature
 
 REPO = Path(__file__).resolve().parents[1]
 DS_TO_UNIVERSAL, UCPFLOW = "ds_to_universal", "ucpflow"
@@ -194,7 +195,10 @@ class CaseBench:
         categories = {f"{STAGING}/ inside the output": footprint(output / STAGING, output_inodes)}
         if tool == UCPFLOW:
             for child in sorted(work.iterdir()):
-                categories[f"work folder: {child.name}/"] = footprint(child)
+                # The input's tables are in a folder named by its signature: count its parts by name.
+                parts = sorted(child.iterdir()) if is_signature(child.name) else [child]
+                for part in parts:
+                    categories[f"work folder: {part.name}{'/' if part.is_dir() else ''}"] = footprint(part)
             categories[".snakemake/ (Snakemake's records)"] = footprint(run_dir / ".snakemake")
         self.footprints[tool] = categories
         return sum(categories.values(), Footprint())

@@ -1,14 +1,16 @@
 """verify() called in the test process on a finished conversion (faster than the `verify` target)."""
 
+from ucpflow.signature import derived_folder
 from ucpflow.verify import failure, verify
 
 
 def verify_conversion(work, output):
     """(report rows, partition rows, error sentence or None) of the universal checkpoint `output`,
     checked against the index and extraction maps in the work folder `work`."""
-    index = work / "index"
+    derived = derived_folder(work)
+    index = derived / "index"
     report, partitions, _ = verify(
         index / "layout.json", index / "fragments.tsv", index / "params.tsv", index / "universal_info.pkl",
-        sorted((work / "extract").glob("*.tsv")), output, output.parent / "latest_universal",
+        sorted((derived / "extract").glob("*.tsv")), output, output.parent / "latest_universal",
     )  # fmt: skip
     return report, partitions, failure(report, partitions, "verify.log")
