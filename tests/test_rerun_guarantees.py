@@ -115,10 +115,10 @@ def test_sigkill_then_deletions_then_the_same_command(moment, seed, many_paramet
 
 
 def test_input_replaced_by_another_save_converts_what_is_there_now(small, many_parameters, tmp_path):
-    """Another model (48 layers, not 2) saved under the same tag: re-indexed, converted afresh, and the
+    """Another model (2 layers, not 48) saved under the same tag: re-indexed, converted afresh, and the
     parameter folders of the old model are gone."""
-    tag, _ = small
-    other_tag, _ = many_parameters
+    tag, _ = many_parameters
+    other_tag, _ = small
     run = Run(tmp_path, tag)
     run.run("first")
     old_params = {p.name for p in (run.output / "zero").iterdir()}
@@ -129,7 +129,7 @@ def test_input_replaced_by_another_save_converts_what_is_there_now(small, many_p
     run.run("after-swap")
 
     assert run.matches(theirs)
-    assert old_params - {p.name for p in (theirs / "zero").iterdir()}, "the models differ in their parameters"
+    assert old_params - {p.name for p in (theirs / "zero").iterdir()}, "the old model had parameters the new lacks"
 
 
 def test_a_failed_rerun_leaves_no_marker(small, tmp_path):
