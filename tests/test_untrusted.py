@@ -234,3 +234,13 @@ def test_allow_globals_lets_a_named_global_through(megatron_tag, tmp_path, monke
     result = snakemake(tmp_path / "run", config={"input_folder": tmp_path, "output_folder": tmp_path / "u",
                                                  "allow_globals": "[not a global]"})
     assert "allow_globals" in error_line(result)
+
+
+def test_bounded_repr_shows_tuples_and_positional_arguments_whole():
+    from ucpflow.ptfile.opaque import _opaque_class
+    from ucpflow.untrusted import bounded_repr
+
+    stage = _opaque_class("deepspeed.runtime.zero.config", "ZeroStageEnum")(1)
+    assert bounded_repr([(1, 2, 3), (4, 5), {"stage": stage}]) == (
+        "[(1, 2, 3), (4, 5), {'stage': deepspeed.runtime.zero.config.ZeroStageEnum(1)}]"
+    )

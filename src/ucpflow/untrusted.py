@@ -194,7 +194,8 @@ def bounded_repr(value, limit=120):
                 else:
                     visit(part[1], depth + 1)
                     emit(": ")
-            visit(part[-1], depth + 1)
+                part = part[2]
+            visit(part, depth + 1)
         emit(closing)
 
     def visit(obj, depth):
