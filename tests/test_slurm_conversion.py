@@ -11,7 +11,7 @@ import pandas as pd
 from conftest import REPO, ds_to_universal
 from slurm.cluster import slurm_cluster, slurm_logdir  # noqa: F401  (pytest fixture)
 from universal_compare import compare_universal
-from workflow_runs import workflow_env
+from workflow_runs import SHOW_JOBS, workflow_env
 from ucpflow.signature import derived_folder
 
 SUBMITTED = re.compile(r"^Job \S+ has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$", re.MULTILINE)
@@ -46,7 +46,7 @@ def test_conversion_through_the_slurm_profile(slurm_cluster, deepspeed_checkpoin
     workdir.mkdir()
     output = tmp_path / "out" / f"{tag.name}_universal"
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
-               "--workflow-profile", str(REPO / "profiles" / "slurm"), *CLUSTER_FLAGS,
+               "--workflow-profile", str(REPO / "profiles" / "slurm"), *CLUSTER_FLAGS, *SHOW_JOBS,
                "--config", f"input_folder={tag}", f"output_folder={output}"]  # fmt: skip
     # The plugin puts its logs under the current directory.
     result = subprocess.run(command, cwd=workdir, env=workflow_env(), capture_output=True, text=True, timeout=900)
