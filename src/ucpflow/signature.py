@@ -17,17 +17,16 @@ SIGNATURE_LENGTH = 12
 
 
 def _tag_folder(input_folder):
-    """The folder whose files are converted (the `latest` tag of a parent folder), as layout.resolve_tag_folder
-    finds it, without raising: a folder it rejects still gets a signature, and the index says what is wrong."""
-    folder = Path(input_folder)
-    if any(folder.glob("*_optim_states.pt")):
-        return folder, ""
-    latest = folder / "latest"
-    if latest.is_file():
-        tag = latest.read_text(errors="replace").strip()
-        if tag and (folder / tag).is_dir():
-            return folder / tag, tag
-    return folder, ""
+    """(folder whose files are converted, its tag) as the index finds them; a folder it rejects still gets a
+    signature of its own files, and the index says what is wrong."""
+    from .errors import CheckpointError
+    from .layout import resolve_tag_folder
+
+    try:
+        folder = resolve_tag_folder(input_folder)
+    except CheckpointError:
+        return Path(input_folder), ""
+    return folder, "" if folder == Path(input_folder) else folder.name
 
 
 def _zip_entries(path):
