@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import sampling
+from ucpflow.finalize import folder_bytes
 
 BUILD_TIMEOUT = 3600
 COMPLETE_MARKER = ".complete"
@@ -86,7 +87,3 @@ def build(case, save_dir):
 def build_record(tag_folder):
     path = Path(tag_folder).parent / BUILD_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def folder_bytes(folder):
-    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())

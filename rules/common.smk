@@ -257,11 +257,11 @@ def publish_job(wildcards, input, log_path):
 
     merge_inputs = (
         parameter_bucket(wildcards),
-        input.layout,
-        input.fragments,
-        input.params,
-        input.info,
-        list(input.maps),
+        rules.index.output.layout,
+        rules.index.output.fragments,
+        rules.index.output.params,
+        rules.index.output.info,
+        parameter_maps(wildcards),
     )
     run_in_process(
         log_path,

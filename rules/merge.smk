@@ -44,12 +44,9 @@ rule publish:
     beside it); a staged copy that lost files is merged again here. Runs in Snakemake's own process.
     """
     input:
+        # Only what it reads on every run: Snakemake checksums and tracks each input of each of these jobs.
+        # The merge inputs it needs when a staged copy lost files are those of the merge that wrote it.
         staged=staged_bucket,
-        layout=rules.index.output.layout,
-        fragments=rules.index.output.fragments,
-        params=rules.index.output.params,
-        info=rules.index.output.info,
-        maps=parameter_maps,
         repair=repair_request,
     output:
         f"{OUT}/zero/{{param}}/fp32.pt",

@@ -41,7 +41,7 @@ def test_run_measured_sees_the_largest_process_and_the_whole_tree(tmp_path):
 
 def test_run_measured_reports_failure_and_kills_the_tree_on_timeout(tmp_path):
     assert run_measured([sys.executable, "-c", "raise SystemExit(3)"], log_path=tmp_path / "log").returncode == 3
-    sleeper = f"import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    sleeper = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])"
     measured = run_measured([sys.executable, "-c", sleeper], log_path=tmp_path / "log", timeout=2)
     assert measured.returncode != 0
     assert len(measured.spans) == 2

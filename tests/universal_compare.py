@@ -1,5 +1,6 @@
 """Compare two universal checkpoint folders: the same files, the same keys, torch.equal tensors."""
 
+import math
 import os
 from pathlib import Path
 
@@ -59,3 +60,15 @@ def compare_universal(ours, theirs, latest_ours=None, latest_theirs=None):
         if Path(latest_ours).read_text() != Path(latest_theirs).read_text():
             problems.append("latest_universal differs")
     return problems
+
+
+def resume_from_ours(ours, theirs, resume, steps=2):
+    """The losses of DeepSpeed resuming from ucpflow's output `ours` with `resume(checkpoint_root)`, after
+    checking that `ours` is identical to ds_to_universal's `theirs`: DeepSpeed's loader reads exactly these
+    objects, so resuming from `theirs` as well would repeat the same computation (tests/test_resume.py
+    does both once, and finds the losses equal)."""
+    latest = "latest_universal"
+    assert compare_universal(ours, theirs, ours.parent / latest, theirs.parent / latest) == []
+    losses = resume(ours.parent)
+    assert len(losses) == steps and all(math.isfinite(loss) for loss in losses), losses
+    return losses
