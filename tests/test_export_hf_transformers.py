@@ -130,6 +130,21 @@ def test_gpt2_zero1_tied_embeddings_tokenizer_and_no_universal_info(trainer_chec
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_gpt2_zero2_frozen_parameter_from_the_model_weights(trainer_checkpoint, tmp_path):
+    # At ZeRO-1/2 a frozen parameter has no optimizer state: the shard job reads it from the model weights, as
+    # the universal conversion's fallback does.
+    tag = trainer_checkpoint("gpt2_z2_fp32_frozen", model="gpt2", zero_stage=2, dtype="fp32",
+                             freeze=["transformer.wpe.weight"])
+    _, universal = export(tag, tmp_path, tmp_path / "hf")
+    assert not universal.exists()
+    ours, theirs = safetensors_state(tmp_path / "hf"), zero_to_fp32(tag)
+    assert "transformer.wpe.weight" in ours and sorted(ours) == sorted(set(theirs) - {"lm_head.weight"})
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+    params = next((tmp_path / "ucpflow-work").glob("*/*/index/params.tsv")).read_text().splitlines()
+    assert any(line.startswith("transformer.wpe.weight\tmodule\t") for line in params)
+
+
 def test_autotp_checkpoint_with_the_config_given_by_hf_config(autotp_checkpoint, tmp_path):
     from ucpflow.demo.autotp.train import build_parser, causal_lm
 
