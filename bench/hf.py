@@ -6,8 +6,9 @@ folder layout:
 
 Each round runs both from scratch (the order alternating): zero_to_fp32.py as the checkpoint folder ships it
 (fp32 pytorch_model.bin: its --safe_serialization fails on tied weights), and `snakemake --cores 2 hf` in a
-fresh folder (the universal conversion, then the export, fp32 safetensors). Every output is checked: the
-same tensors, torch.equal. Writes <out>/hf.json and <out>/hf.md.
+fresh folder (index, extractions, then the export straight from the rank files: fp32 safetensors, no
+universal checkpoint). Every output is checked: the same tensors, torch.equal. Writes <out>/hf.json and
+<out>/hf.md.
 """
 
 import argparse

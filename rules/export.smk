@@ -69,12 +69,13 @@ rule megatron:
 
 
 checkpoint export_hf_plan:
-    """Decide the config, tensor names and safetensors files of a transformers, GPT-2 or Llama model."""
+    """Decide the config, tensor names and safetensors files of a transformers, GPT-2 or Llama model.
+    A transformers model's plan reads only the index (and the checkpoint's model states), so it runs beside
+    the extractions; a Megatron GPT/Llama model's reads the universal output."""
     input:
+        unpack(hf_plan_sources),
         layout=rules.index.output.layout,
         params=rules.index.output.params,
-        universal=universal_outputs,
-        model_state=universal_model_state,
     output:
         f"{EXPORT}/hf_plan.json",
     log:
@@ -85,7 +86,6 @@ checkpoint export_hf_plan:
         universal_folder=OUT,
         hf_folder=HF_FOLDER,
         max_shard_size=config["hf_max_shard_size"],
-        hf_config=config["hf_config"],
         hf_dtype=config["hf_dtype"],
         exclude_frozen=config["hf_exclude_frozen"],
         qkv_layout=config["megatron_qkv_layout"],
@@ -94,10 +94,12 @@ checkpoint export_hf_plan:
 
 
 rule export_hf_shard:
-    """Write one safetensors file of the transformers model."""
+    """Write one safetensors file of the transformers model: a transformers model's tensors merged straight
+    from the rank files (through the extraction maps), a Megatron model's from the universal output.
+    """
     input:
+        unpack(hf_shard_sources),
         plan=rules.export_hf_plan.output[0],
-        weights=hf_shard_weights,
     output:
         f"{HF_FOLDER}/{{stem}}.safetensors",
     log:
@@ -144,4 +146,6 @@ rule hf:
     """Target: the transformers model folder in hf_folder."""
     input:
         rules.export_hf_finalize.output.config,
+        # Known from the index alone: the extractions of a transformers model then run beside its plan.
+        hf_rank_maps,
     localrule: True

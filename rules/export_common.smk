@@ -45,12 +45,43 @@ def megatron_shards(wildcards):
     ]
 
 
-def hf_shard_weights(wildcards):
+def reads_rank_files():
+    """A transformers model's hf export merges its tensors from the rank files, without the universal output."""
+    layout = indexed_layout()
+    if "hf_config_folder" not in layout:
+        raise WorkflowError(
+            f"{index_output().layout} was written by an earlier ucpflow; remove {DERIVED} to index the checkpoint again."
+        )
+    return layout["hf_config_folder"] is not None
+
+
+def hf_rank_maps(wildcards):
+    return all_extraction_maps(wildcards) if reads_rank_files() else []
+
+
+def hf_plan_sources(wildcards):
+    if reads_rank_files():
+        return {"model_states": indexed_layout()["model_files"]}
+    return {
+        "universal": universal_outputs(wildcards),
+        "model_state": universal_model_state(wildcards),
+    }
+
+
+def hf_shard_sources(wildcards):
     plan = hf_plan()
     names = plan["shards"].get(wildcards.stem, [])
-    # Tensors of a transformers model's export may come from the model-states files instead (no param).
+    if plan.get("source") == "transformers":
+        return {
+            "layout": rules.index.output.layout,
+            "fragments": rules.index.output.fragments,
+            "params": rules.index.output.params,
+            "info": rules.index.output.info,
+            "maps": all_extraction_maps(wildcards),
+            "model_states": indexed_layout()["model_files"],
+        }
     params = (plan["tensors"][name].get("param") for name in names)
-    return universal_weights(param for param in params if param)
+    return {"weights": universal_weights(param for param in params if param)}
 
 
 def hf_files(wildcards):

@@ -7,10 +7,9 @@ from ucpflow.smk import run
 def main():
     options = snakemake.params
     hf_plan_job(
-        snakemake.input.params, options.universal_folder, snakemake.input.model_state, options.hf_folder,
-        options.max_shard_size, snakemake.output[0], layout_path=snakemake.input.layout,
-        hf_config=options.hf_config, hf_dtype=options.hf_dtype, exclude_frozen=options.exclude_frozen,
-        qkv_layout=options.qkv_layout,
+        snakemake.input.params, options.universal_folder, snakemake.input.get("model_state"), options.hf_folder,
+        options.max_shard_size, snakemake.output[0], layout_path=snakemake.input.layout, hf_dtype=options.hf_dtype,
+        exclude_frozen=options.exclude_frozen, qkv_layout=options.qkv_layout,
     )
 
 

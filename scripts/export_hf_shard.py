@@ -5,7 +5,10 @@ from ucpflow.smk import run
 
 
 def main():
-    hf_shard_job(snakemake.input.plan, snakemake.wildcards.stem, snakemake.output[0])
+    inputs = snakemake.input
+    # A transformers model's tensors are merged from the rank files that the index and extraction maps locate.
+    index = [inputs.get(key) for key in ("layout", "fragments", "params", "info")] + [list(inputs.get("maps", []))]
+    hf_shard_job(inputs.plan, snakemake.wildcards.stem, snakemake.output[0], index)
 
 
 run(snakemake, main)

@@ -94,6 +94,15 @@ def test_llama_gqa_zero3_bf16_with_a_frozen_parameter(llama, tmp_path):
     assert model.config.num_key_value_heads < model.config.num_attention_heads
 
 
+def test_the_export_merges_the_rank_files_without_writing_a_universal_checkpoint(llama):
+    tag, workdir, universal, _ = llama
+    assert not universal.exists()  # no zero/<param>/fp32.pt, optimizer state or model-states copy
+    logs = next((workdir / "ucpflow-work").glob("*/logs"))
+    assert sorted(p.name for p in logs.iterdir() if p.is_dir()) == ["export", "extract"]  # no merge, no publish
+    plan = json.loads(next((workdir / "ucpflow-work").glob("*/*/export/hf_plan.json")).read_text())
+    assert {spec["kind"] for spec in plan["tensors"].values()} == {"merged", "fragments"}  # fragments: the frozen one
+
+
 def test_exclude_frozen_and_the_training_dtype(llama):
     tag, workdir, universal, _ = llama
     folder = workdir / "hf_auto"
@@ -121,6 +130,21 @@ def test_gpt2_zero1_tied_embeddings_tokenizer_and_no_universal_info(trainer_chec
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_gpt2_zero2_frozen_parameter_from_the_model_weights(trainer_checkpoint, tmp_path):
+    # At ZeRO-1/2 a frozen parameter has no optimizer state: the shard job reads it from the model weights, as
+    # the universal conversion's fallback does.
+    tag = trainer_checkpoint("gpt2_z2_fp32_frozen", model="gpt2", zero_stage=2, dtype="fp32",
+                             freeze=["transformer.wpe.weight"])
+    _, universal = export(tag, tmp_path, tmp_path / "hf")
+    assert not universal.exists()
+    ours, theirs = safetensors_state(tmp_path / "hf"), zero_to_fp32(tag)
+    assert "transformer.wpe.weight" in ours and sorted(ours) == sorted(set(theirs) - {"lm_head.weight"})
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+    params = next((tmp_path / "ucpflow-work").glob("*/*/index/params.tsv")).read_text().splitlines()
+    assert any(line.startswith("transformer.wpe.weight\tmodule\t") for line in params)
+
+
 def test_autotp_checkpoint_with_the_config_given_by_hf_config(autotp_checkpoint, tmp_path):
     from ucpflow.demo.autotp.train import build_parser, causal_lm
 
@@ -128,7 +152,11 @@ def test_autotp_checkpoint_with_the_config_given_by_hf_config(autotp_checkpoint,
     args = build_parser().parse_args(["--model", AUTOTP_CASES[AUTOTP]["model"]])
     causal_lm(args).config.save_pretrained(tmp_path / "config")
     _, universal = export(tag, tmp_path, tmp_path / "hf", hf_config=tmp_path / "config", hf_dtype="bf16")
-    # zero_to_fp32 cannot merge tensor-parallel slices: the reference is the universal checkpoint, read by torch.
+    # zero_to_fp32 cannot merge tensor-parallel slices: the reference is the universal checkpoint (which the
+    # export merged the same way without writing it), converted afterwards and read by torch.
+    assert not universal.exists()
+    snakemake(tmp_path, config={"input_folder": tag, "output_folder": universal, "hf_config": tmp_path / "config"},
+              check=True)
     reference = {path.parent.name: torch.load(path, weights_only=False)["param"]
                  for path in (universal / "zero").glob("*/fp32.pt")}
     ours = safetensors_state(tmp_path / "hf")

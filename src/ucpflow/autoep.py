@@ -217,8 +217,9 @@ def check_expert_files(folder, layer, prefix):
                 raise CheckpointError(f"Expected key '{prefix}.{weight}.{expert}' not found in {matches[0]}.")
 
 
-def merge_expert_parameter(reader, row, frags, save):
-    """Write fp32/exp_avg/exp_avg_sq/step of one fused expert parameter, as `consolidate_autoep_zero12_expert_states`."""
+def merge_expert_parameter(reader, row, frags, save, states=None):
+    """Write fp32/exp_avg/exp_avg_sq/step (or those of them in `states`) of one fused expert parameter, as
+    `consolidate_autoep_zero12_expert_states`."""
     from .index import OPTIMIZER_STATES, STEP
     from .merge import _same_value
 
@@ -232,7 +233,8 @@ def merge_expert_parameter(reader, row, frags, save):
         raise CheckpointError(f"Missing AutoEP optimizer step for {name}.")
     if not all(_same_value(step, steps[0]) for step in steps[1:]):
         raise CheckpointError(f"Inconsistent AutoEP optimizer steps for {name}.")
-    for state in OPTIMIZER_STATES:
+    states = (*OPTIMIZER_STATES, STEP) if states is None else states
+    for state in (s for s in OPTIMIZER_STATES if s in states):
         full = np.empty((num_experts, *rest), dtype=np.float32)
         for ep_rank, (experts, dp_ranks) in enumerate(zip(plan["experts"], plan["dp_ranks"])):
             pieces = [f for dp in dp_ranks for f in by_state.get(state, {}).get(dp, [])]
@@ -253,7 +255,7 @@ def merge_expert_parameter(reader, row, frags, save):
             full[experts] = local.reshape((len(experts), *rest))
         save(state, {C.PARAM: ptfile.ArrayTensor(full, "float32"), C.CAT_DIM: 0, C.EP_IS_EXPERT_PARAM: True,
                      C.EP_NUM_EXPERTS: num_experts})
-    if not plan.get("zero3"):
+    if not plan.get("zero3") and STEP in states:
         save(STEP, steps[0])
 
 

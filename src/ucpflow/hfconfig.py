@@ -36,3 +36,13 @@ def find_model_config(tag_folder, explicit=None):
             return folder
         folder = folder.parent
     return None
+
+
+def export_config_folder(tag_folder, explicit, model_state):
+    """The folder of the transformers config.json that `snakemake hf` exports with, or None for a Megatron GPT
+    model (its model states, `model_state`, hold Megatron's `args`), whose export reads the universal output."""
+    if explicit:
+        return find_model_config(tag_folder, explicit)
+    if hasattr(model_state.get("args") if isinstance(model_state, dict) else None, "num_layers"):
+        return None
+    return find_model_config(tag_folder)

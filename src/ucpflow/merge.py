@@ -20,6 +20,7 @@ from .index import FORMAT_EXPERT, FORMAT_FLAT, FORMAT_MODULE, OPTIMIZER_STATES, 
 from .patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS
 from .ptfile import ArrayTensor
 
+FP32 = "fp32"  # the state holding the weights themselves
 SUBPARAM_SHAPE_CLASS = ("deepspeed.checkpoint.universal_checkpoint", "SubparamShape")
 
 
@@ -313,7 +314,6 @@ def _float32(array, dtype):
 def merge_parameter(reader, row, frags, rule, info, tp_degree, folder):
     """Write every state file of one parameter into `folder` (created); returns the file names written."""
     os.makedirs(folder, exist_ok=True)
-    shapes = [tuple(s) if s is not None else None for s in json.loads(row["shapes"])]
     written = []
 
     def save(state, obj):
@@ -322,41 +322,61 @@ def merge_parameter(reader, row, frags, rule, info, tp_degree, folder):
         written.append(f"{state}.pt")
         reader.release()
 
+    merge_states(reader, row, frags, rule, info, tp_degree, save)
+    return written
+
+
+def merged_weight(reader, row, frags, rule, info, tp_degree):
+    """One parameter's fp32 weight as its universal fp32.pt holds it: (array, torch dtype name), merged over
+    data- and tensor-parallel ranks; the array may view the mapped rank file until `reader.release()`."""
+    found = {}
+    merge_states(reader, row, frags, rule, info, tp_degree, found.__setitem__, states=(FP32,))
+    if FP32 not in found:
+        raise CheckpointError(f"Parameter {row['param']} has no fp32 fragments in any rank file.")
+    tensor = found[FP32][C.PARAM] if isinstance(found[FP32], dict) else found[FP32]
+    return tensor.array, tensor.dtype
+
+
+def merge_states(reader, row, frags, rule, info, tp_degree, save, states=(STEP, *OPTIMIZER_STATES)):
+    """save(state, object) for each of `states` that the universal checkpoint holds for this parameter, in
+    the order merge_parameter writes them (as DeepSpeed saves each state file)."""
+    shapes = [tuple(s) if s is not None else None for s in json.loads(row["shapes"])]
+
     if row["format"] == FORMAT_MODULE:
-        dtype, _, numel, _ = reader.locate(row["source"], row["tensor"])
-        data, dtype = reader.view(row["source"], row["tensor"], 0, numel)
-        save("fp32", {C.PARAM: ArrayTensor(_float32(data, dtype).reshape(shapes[0]), "float32")})
-        return written
+        if FP32 in states:
+            dtype, _, numel, _ = reader.locate(row["source"], row["tensor"])
+            data, dtype = reader.view(row["source"], row["tensor"], 0, numel)
+            save(FP32, {C.PARAM: ArrayTensor(_float32(data, dtype).reshape(shapes[0]), "float32")})
+        return
 
     if row["format"] == FORMAT_EXPERT:
         from .autoep import merge_expert_parameter
 
-        merge_expert_parameter(reader, row, frags, save)
-        return written
+        merge_expert_parameter(reader, row, frags, save, states)
+        return
 
     by_state_tp = {}
     for frag in frags:
         by_state_tp.setdefault(frag.state, {}).setdefault(frag.tp, []).append(frag)
 
     if row["format"] == FORMAT_FLAT:
-        for state in OPTIMIZER_STATES:
+        for state in (s for s in OPTIMIZER_STATES if s in states):
             piece = tp_slices(reader, by_state_tp.get(state, {}), row["param"], state, shapes, 1, reshape=False)
             if not piece:
                 raise CheckpointError(f"Parameter {row['param']} has no {state} fragments in any rank file.")
             save(state, ArrayTensor(piece[0].array, piece[0].dtype))
-        return written
+        return
 
     steps = []
-    for tp in sorted(by_state_tp.get(STEP, {})):
+    for tp in sorted(by_state_tp.get(STEP, {})) if STEP in states else ():
         values = [reader.value(f.file, f.tensor) for f in sorted(by_state_tp[STEP][tp], key=lambda f: f.dp)]
         if not all(_same_value(v, values[0]) for v in values):
             raise CheckpointError(f"The data-parallel ranks disagree on the optimizer step of {row['param']} (tp rank {tp}).")
         steps.append(values[0])
     if steps:
         save(STEP, steps[0])
-    for state in OPTIMIZER_STATES:
+    for state in (s for s in OPTIMIZER_STATES if s in states):
         slices = tp_slices(reader, by_state_tp.get(state, {}), row["param"], state, shapes, tp_degree)
         entries = merge_state(row["param"], rule, state, slices, info, tp_degree)
         if entries is not None:
             save(state, entries)
-    return written

@@ -260,16 +260,15 @@ def check_hf_folder(folder, plan):
 
 
 def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_shard_size, output, *, layout_path,
-                hf_config="", hf_dtype="", exclude_frozen=False, qkv_layout=""):
-    """The plan of a transformers model's export (its config.json found beside or above the tag folder, or
-    given as hf_config), else of a Megatron GPT model's."""
+                hf_dtype="", exclude_frozen=False, qkv_layout=""):
+    """The plan of a transformers model's export (the index found its config.json beside or above the tag
+    folder, or it is given as hf_config), which reads only the index; else of a Megatron GPT model's, which reads
+    the universal output and its copied model-states file `model_state_path`."""
     from .source import load_source
 
-    tag_folder = json.loads(Path(layout_path).read_text())["folder"]
-    config_folder = TS.model_config_folder(tag_folder, hf_config, model_state_path)
-    if config_folder is not None:
-        plan = TS.plan_job(config_folder, layout_path, params_path, universal_folder, hf_dtype, exclude_frozen,
-                           max_shard_size)
+    layout = json.loads(Path(layout_path).read_text())
+    if layout["hf_config_folder"] is not None:
+        plan = TS.plan_job(layout["hf_config_folder"], layout, params_path, hf_dtype, exclude_frozen, max_shard_size)
     else:
         source = load_source(params_path, universal_folder, model_state_path, qkv_layout)
         plan = hf_plan(source, universal_folder, max_shard_size, None if hf_dtype in ("", "auto") else hf_dtype)
@@ -294,17 +293,19 @@ def gpt2_array(plan, spec):
 
 
 
-def hf_shard_job(plan_path, stem, output):
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
+def hf_shard_job(plan_path, stem, output, index=None):
+    """One safetensors file: a transformers model's merged from the rank files located by `index` (layout,
+    fragments, params, info and extraction-map paths), a Megatron model's from the universal output."""
     plan = load_plan(plan_path)
     if stem not in plan["shards"]:
         raise UcpflowError(f"{stem}.safetensors is not a file of the planned export ({', '.join(plan['shards'])}).")
     retract(Path(output).parent / CONFIG_FILE)  # transformers finds a model by it: written last
     if TS.is_transformers_plan(plan):
-        return TS.shard_job(plan, stem, output)
+        return TS.shard_job(plan, stem, output, index)
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
     dtype = getattr(torch, TORCH_DTYPES[plan["dtype"]])
     tensors = {name: torch.from_numpy(np.ascontiguousarray(gpt2_array(plan, plan["tensors"][name]))).to(dtype)
                for name in plan["shards"][stem]}

@@ -36,8 +36,9 @@ def encode(array, dtype):
     return array.astype("<f8") if dtype == "float64" else array
 
 
-def write_safetensors(path, tensors, read, metadata=None):
-    """Write `tensors` ({name: (dtype, shape)}) to `path`; read(name) gives each one's values as a numpy array."""
+def write_safetensors(path, tensors, read, metadata=None, written=None):
+    """Write `tensors` ({name: (dtype, shape)}) to `path`; read(name) gives each one's values as a numpy array,
+    and written(), when given, is called once each tensor's bytes are written (to free what read it)."""
     order = sorted(tensors, key=lambda name: (-DTYPES[tensors[name][0]][1], name))
     header, offset = {}, 0
     if metadata:
@@ -57,4 +58,6 @@ def write_safetensors(path, tensors, read, metadata=None):
             data = encode(read(name), dtype)
             if data.size != math.prod(shape):
                 raise ValueError(f"{name}: {data.size} elements, not {math.prod(shape)} of shape {shape}")
-            handle.write(data.tobytes())
+            handle.write(np.ascontiguousarray(data).data)
+            if written is not None:
+                written()

@@ -6,11 +6,13 @@ to a transformers model folder, as `save_pretrained` writes it:
     tokenizer files                  copied when the config's folder holds them
     model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
 
-The plan job builds the model on the meta device from its config, so the tensors saved, their order, the
-tied weights left out and the sharding are transformers' own. Each tensor comes from the universal
-checkpoint (`zero/<param>/fp32.pt`), or, for what the universal conversion leaves out at ZeRO-3 (frozen
-parameters, buffers), from the checkpoint's model-states files. Shard jobs import neither torch nor
-transformers and hold one tensor at a time.
+The plan job needs only the index: it builds the model on the meta device from its config, so the tensors
+saved, their order, the tied weights left out and the sharding are transformers' own. No universal checkpoint
+is written: each shard job merges every tensor's fp32 weight straight from the rank files, through the
+extraction maps and the universal conversion's own merge (`merge.merged_weight`: over data- and
+tensor-parallel ranks, with the model-weight fallback), so it equals the universal `zero/<param>/fp32.pt`;
+what the universal conversion leaves out at ZeRO-3 (frozen parameters, buffers) comes from the model-states
+files. Shard jobs import neither torch nor transformers and hold one tensor at a time.
 """
 
 import json
@@ -23,28 +25,19 @@ from .. import ptfile
 from ..errors import CheckpointError, UcpflowError
 from ..fileio import copy_file, write_text
 from ..markers import write_marker
-from ..hfconfig import CONFIG_FILE, find_model_config
+from ..hfconfig import CONFIG_FILE
 from .safetensors_out import FLOATS, write_safetensors
-from .source import read_full
 
 SOURCE = "transformers"
-FORMAT_MODULE = "module"  # index.FORMAT_MODULE: a universal fp32.pt from the model weights (frozen, buffers)
+FORMAT_MODULE = "module"  # index.FORMAT_MODULE: fp32 from the model weights (frozen, buffers; ZeRO-1/2)
 GENERATION_CONFIG_FILE = "generation_config.json"
 OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
                    "chat_template.jinja", "chat_template.json")
-UNIVERSAL, FRAGMENTS, MODULE = "universal", "fragments", "module"
-
-
-def model_config_folder(tag_folder, explicit, model_state_path):
-    """The folder of the transformers config.json to export with, or None for a Megatron GPT checkpoint."""
-    if explicit:
-        return find_model_config(tag_folder, explicit)
-    state = ptfile.load(model_state_path)
-    if hasattr(state.get("args") if isinstance(state, dict) else None, "num_layers"):
-        return None
-    return find_model_config(tag_folder)
+# Where a tensor's values come from: merged from the rank files as the universal conversion merges its
+# parameter, ZeRO-3's frozen-parameter fragments in the model-states files, or a model-states module weight.
+MERGED, FRAGMENTS, MODULE = "merged", "fragments", "module"
 
 
 def float_array(tensor):
@@ -55,12 +48,12 @@ def float_array(tensor):
     return array.astype(np.float32) if tensor.dtype in FLOATS else array
 
 
-def checkpoint_tensors(layout, params, universal_folder):
+def checkpoint_tensors(layout, params):
     """({name: source}, frozen names, {name: shared with}) of every tensor the checkpoint holds."""
     state = ptfile.load(layout["model_files"][0])
     buffers = set(state.get("buffer_names") or ())
     frozen_shapes = state.get("frozen_param_shapes") or {}
-    sources = {row.param: {"kind": UNIVERSAL, "param": row.param} for row in params.itertuples(index=False)}
+    sources = {row.param: {"kind": MERGED, "param": row.param} for row in params.itertuples(index=False)}
     frozen = set(frozen_shapes) | {row.param for row in params.itertuples(index=False)
                                    if row.format == FORMAT_MODULE and row.param not in buffers}
     if layout["zero_stage"] > 2:
@@ -119,7 +112,7 @@ def generation_config(config_folder, model, config):
     return json.loads(GenerationConfig.from_model_config(config).to_json_string(use_diff=True))
 
 
-def transformers_plan(config_folder, layout, params, universal_folder, hf_dtype, exclude_frozen, max_shard_size):
+def transformers_plan(config_folder, layout, params, hf_dtype, exclude_frozen, max_shard_size):
     import torch
     import transformers
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -127,7 +120,7 @@ def transformers_plan(config_folder, layout, params, universal_folder, hf_dtype,
     from .hf import parse_size
 
     config = transformers.AutoConfig.from_pretrained(config_folder)
-    sources, frozen, shared, state = checkpoint_tensors(layout, params, universal_folder)
+    sources, frozen, shared, state = checkpoint_tensors(layout, params)
     dtype = training_dtype(state) if hf_dtype == "auto" else OUTPUT_DTYPES[hf_dtype or "fp32"]
     model = meta_model(config).to(getattr(torch, dtype))
     known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | set(model.state_dict())
@@ -157,7 +150,6 @@ def transformers_plan(config_folder, layout, params, universal_folder, hf_dtype,
         "source": SOURCE,
         "model": type(model).__name__,
         "dtype": dtype,
-        "universal_folder": str(universal_folder),
         "tensors": tensors,
         "shards": shards,
         "index": index,
@@ -167,22 +159,24 @@ def transformers_plan(config_folder, layout, params, universal_folder, hf_dtype,
     }
 
 
-def plan_job(config_folder, layout_path, params_path, universal_folder, hf_dtype, exclude_frozen, max_shard_size):
+def plan_job(config_folder, layout, params_path, hf_dtype, exclude_frozen, max_shard_size):
     from ..index import read_index_table
 
-    layout = json.loads(Path(layout_path).read_text())
-    plan = transformers_plan(config_folder, layout, read_index_table(params_path), universal_folder, hf_dtype,
-                             exclude_frozen, max_shard_size)
+    plan = transformers_plan(config_folder, layout, read_index_table(params_path), hf_dtype, exclude_frozen,
+                             max_shard_size)
     print(f"{plan['model']} from {Path(config_folder) / CONFIG_FILE}: {len(plan['tensors'])} tensors, "
           f"{plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
     return plan
 
 
-def tensor_values(plan, spec):
+def tensor_values(merger, spec):
     """One planned tensor's values, of its shape, as numpy (floats as float32)."""
     shape = spec["shape"]
-    if spec["kind"] == UNIVERSAL:
-        return read_full(plan["universal_folder"], spec["param"], shape)
+    if spec["kind"] == MERGED:
+        array, dtype = merger.weight(spec["param"])
+        if dtype == "bfloat16":
+            return ptfile.bfloat16_bits_to_float32(array).reshape(shape)
+        return array.astype(np.float32, copy=False).reshape(shape)
     if spec["kind"] == MODULE:
         return float_array(ptfile.load(spec["file"])["module"][spec["name"]]).reshape(shape)
     pieces = [float_array(ptfile.load(path)["frozen_param_fragments"][spec["name"]]).reshape(-1)
@@ -190,11 +184,19 @@ def tensor_values(plan, spec):
     return np.concatenate(pieces)[:spec["numel"]].reshape(shape)
 
 
-def shard_job(plan, stem, output):
+def shard_job(plan, stem, output, index):
+    """Write one planned safetensors file; `index` is (layout, fragments, params, info, extraction maps) paths."""
+    from ..jobs.merge import BucketMerger
+
     names = plan["shards"][stem]
-    tensors = {name: (plan["tensors"][name]["dtype"], plan["tensors"][name]["shape"]) for name in names}
-    write_safetensors(output, tensors, lambda name: tensor_values(plan, {**plan["tensors"][name], "name": name}),
-                      metadata={"format": "pt"})
+    specs = {name: {**plan["tensors"][name], "name": name} for name in names}
+    merger = BucketMerger(None, *index, names={spec["param"] for spec in specs.values() if spec["kind"] == MERGED})
+    try:
+        write_safetensors(output, {name: (spec["dtype"], spec["shape"]) for name, spec in specs.items()},
+                          lambda name: tensor_values(merger, specs[name]), metadata={"format": "pt"},
+                          written=merger.release)
+    finally:
+        merger.close()
     print(f"{output}: {len(names)} tensors")
 
 

@@ -54,6 +54,7 @@ def index_job(input_folder, output_folder, outputs, *, strict, inject_missing_st
     record["optimizer_state_source"] = optimizer_state_source(layout)
     record["sources"] = source_kinds(layout, params)
     record["bucket_sources"] = {b: [source_name(p) for p in files] for b, files in bucket_sources(fragments, params).items()}
+    record["hf_config_folder"] = hf_config_folder(layout, model_config)
     from .. import ptfile
 
     ptfile.save(info, outputs["info"])  # read back through the restricted loader, like every input
@@ -84,6 +85,15 @@ def report_tables_job(layout_path, info_path, fragments_path, params_path, summa
     summary, tables = conversion_tables(layout, info, read_index_table(fragments_path), read_index_table(params_path))
     write_inspection(summary, tables, Path(summary_path).parent)
     plot_parameter_bytes(tables["parameters"], plot_path)
+
+
+def hf_config_folder(layout, model_config):
+    """The transformers config the `hf` export of this checkpoint uses (str), or None (a Megatron model's)."""
+    from ..hfconfig import export_config_folder
+    from ..layout import load_structure
+
+    folder = export_config_folder(layout.folder, model_config, load_structure(layout.model_files[0]))
+    return None if folder is None else str(folder)
 
 
 def optimizer_state_source(layout):

@@ -12,15 +12,17 @@ from .common import load_layout, load_universal_info, read_fragments, read_table
 
 
 class BucketMerger:
-    """What the merges of one bucket read: its index rows, fragments and the extraction maps."""
+    """What the merges of one bucket (or of the parameters `names`) read: their index rows, fragments and the
+    extraction maps."""
 
-    def __init__(self, bucket, layout_path, fragments_path, params_path, info_path, map_paths):
+    def __init__(self, bucket, layout_path, fragments_path, params_path, info_path, map_paths, names=None):
         from ..extract import read_extraction
         from ..merge import FragmentReader
 
         self.layout = load_layout(layout_path)
         self.info = load_universal_info(info_path)
-        self.rows = [row for row in read_table(params_path) if row["bucket"] == bucket]
+        chosen = (lambda row: row["bucket"] == bucket) if names is None else (lambda row: row["param"] in names)
+        self.rows = [row for row in read_table(params_path) if chosen(row)]
         names = {row["param"] for row in self.rows}
         self.fragments = {}
         for fragment in read_fragments(fragments_path):
@@ -29,20 +31,40 @@ class BucketMerger:
         maps = {self.layout["sources"][source_name_of(p)]["path"]: read_extraction(p) for p in map_paths}
         self.reader = FragmentReader(maps)
 
-    def merge(self, row, folder):
-        from ..merge import merge_parameter
+    def _rule(self, row):
         from ..patterns import classify
 
-        rule = classify(self.info, row["param"]) if row["merge"] else None
+        return classify(self.info, row["param"]) if row["merge"] else None
+
+    def merge(self, row, folder):
+        from ..merge import merge_parameter
+
         merge_parameter(
-            self.reader, row, self.fragments.get(row["param"], []), rule, self.info, self.layout["tp_degree"], folder
+            self.reader, row, self.fragments.get(row["param"], []), self._rule(row), self.info,
+            self.layout["tp_degree"], folder
         )
 
-    def merge_one(self, name, folder):
+    def _row(self, name):
         rows = [row for row in self.rows if row["param"] == name]
         if not rows:
             raise CheckpointError(f"{name} is not a parameter of its merge job's index rows.")
-        self.merge(rows[0], folder)
+        return rows[0]
+
+    def merge_one(self, name, folder):
+        self.merge(self._row(name), folder)
+
+    def weight(self, name):
+        """(array, dtype) of one parameter's fp32 weight as its universal fp32.pt holds it, without writing it;
+        the array may view a rank file until `release()`."""
+        from ..merge import merged_weight
+
+        row = self._row(name)
+        return merged_weight(
+            self.reader, row, self.fragments.get(name, []), self._rule(row), self.info, self.layout["tp_degree"]
+        )
+
+    def release(self):
+        self.reader.release()
 
     def close(self):
         self.reader.close()
