@@ -47,12 +47,7 @@ def megatron_shards(wildcards):
 
 def reads_rank_files():
     """A transformers model's hf export merges its tensors from the rank files, without the universal output."""
-    layout = indexed_layout()
-    if "hf_config_folder" not in layout:
-        raise WorkflowError(
-            f"{index_output().layout} was written by an earlier ucpflow; remove {DERIVED} to index the checkpoint again."
-        )
-    return layout["hf_config_folder"] is not None
+    return indexed_layout()["hf_config_folder"] is not None
 
 
 def hf_rank_maps(wildcards):

@@ -71,13 +71,16 @@ def derived_folder(work_folder):
     return folders[0]
 
 
+# The version of what the index writes: a ucpflow that writes other tables (or reads them otherwise)
+# gets a new signature, so a work folder of an earlier version is indexed again instead of misread.
+INDEX_FORMAT = 2
 # Config keys that change what the index writes: a new value indexes the input again.
 INDEX_KEYS = ("strict", "inject_missing_state", "hf_config", "allow_globals", "merge_job_bytes", "merge_min_jobs")
 
 
 def workflow_signature(config, input_folder, builds_demo):
     """The signature of the workflow's input as configured (the demo's identity is its build settings)."""
-    settings = [config[key] for key in INDEX_KEYS]
+    settings = [INDEX_FORMAT, *(config[key] for key in INDEX_KEYS)]
     if builds_demo:
         return input_signature(os.devnull, *settings, json.dumps(config["demo"], sort_keys=True))
     return input_signature(input_folder, *settings)
