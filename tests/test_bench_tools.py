@@ -277,3 +277,14 @@ def test_intermediate_files_table_counts_only_the_files_that_carry_data():
     )
     rows = [line for line in intermediate_files_table([bench]) if line.startswith("| c ")]
     assert rows == ["| c | 300.000 | 3.500 | 4 | met |"]
+
+
+def test_floor_runs_the_generated_workflow_with_n_and_one_parameter_jobs(tmp_path):
+    from bench import floor
+
+    floor.main(["--parameters", "3", "--repeats", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "floor.json").read_text())
+    assert result["parameters"] == 3
+    assert {count: len(walls) for count, walls in result["walls"].items()} == {"3": 1, "1": 1}
+    assert result["wall_s_median"] > 0 and isinstance(result["ms_per_parameter_job"], float)
+    assert (tmp_path / "floor-3-0.log").is_file() and (tmp_path / "floor-1-0.log").is_file()
