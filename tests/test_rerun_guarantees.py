@@ -50,7 +50,9 @@ def deletable(run, rng):
     candidates = [output, zero, output / "zero" / "optimizer_state.pt", output / "mp_rank_00_model_states.pt",
                   run.latest, work, run.root / "run" / ".snakemake"]
     candidates += rng.sample(params, min(3, len(params)))
-    candidates += [rng.choice(sorted(p.iterdir())) for p in rng.sample(params, min(3, len(params)))]
+    # After a kill, a parameter folder may still be the empty one Snakemake made for a publish job it started.
+    with_files = [p for p in params if any(p.iterdir())]
+    candidates += [rng.choice(sorted(p.iterdir())) for p in rng.sample(with_files, min(3, len(with_files)))]
     if derived is not None:
         candidates += [derived, derived / "index", derived / "summary.json"]
         for sub in ("index", "extract", "report"):
