@@ -38,11 +38,11 @@ def find_model_config(tag_folder, explicit=None):
     return None
 
 
-def export_config_folder(tag_folder, explicit, model_state):
+def export_config_folder(tag_folder, explicit, megatron_model):
     """The folder of the transformers config.json that `snakemake hf` exports with, or None for a Megatron GPT
-    model (its model states, `model_state`, hold Megatron's `args`), whose export reads the universal output."""
+    model (its model states hold Megatron's `args`), whose export reads the universal output."""
     if explicit:
         return find_model_config(tag_folder, explicit)
-    if hasattr(model_state.get("args") if isinstance(model_state, dict) else None, "num_layers"):
+    if megatron_model:
         return None
     return find_model_config(tag_folder)

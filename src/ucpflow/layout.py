@@ -48,6 +48,7 @@ class Layout:
     copy_files: list
     universal_info: dict
     global_steps: int = 0
+    megatron_model: bool = False  # the first model-states file holds Megatron's `args`
     autoep_metadata: object = None
     notes: list = field(default_factory=list)
 
@@ -86,6 +87,11 @@ def resolve_tag_folder(input_folder):
 def load_structure(path):
     """A checkpoint file's pickled structure, tensors left on disk."""
     return ptfile.load(path)
+
+
+def has_megatron_args(structure):
+    """Whether a model-states structure holds Megatron's `args` (a Megatron-DeepSpeed GPT model's save)."""
+    return hasattr(structure.get("args") if isinstance(structure, dict) else None, "num_layers")
 
 
 def optimizer_state_of(path, structure):
@@ -265,6 +271,7 @@ def _discover_stage12(folder, stage):
         copy_files=model_files,
         universal_info=first_meta.get(C.UNIVERSAL_CHECKPOINT_INFO),
         global_steps=int(first_meta.get("global_steps", 0) or 0),
+        megatron_model=has_megatron_args(first_meta),
     )
 
 
@@ -315,6 +322,7 @@ def _discover_stage3(folder, optim_files, stage):
         copy_files=model_files,
         universal_info=first_meta.get(C.UNIVERSAL_CHECKPOINT_INFO) or {},
         global_steps=int(first_meta.get("global_steps", 0) or 0),
+        megatron_model=has_megatron_args(first_meta),
     )
 
 

@@ -90,9 +90,8 @@ def report_tables_job(layout_path, info_path, fragments_path, params_path, summa
 def hf_config_folder(layout, model_config):
     """The transformers config the `hf` export of this checkpoint uses (str), or None (a Megatron model's)."""
     from ..hfconfig import export_config_folder
-    from ..layout import load_structure
 
-    folder = export_config_folder(layout.folder, model_config, load_structure(layout.model_files[0]))
+    folder = export_config_folder(layout.folder, model_config, layout.megatron_model)
     return None if folder is None else str(folder)
 
 
