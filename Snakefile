@@ -1,6 +1,7 @@
 # ucpflow: DeepSpeed checkpoint conversion as a Snakemake workflow.
 #   index -> extract (per source file) -> merge (per bucket of parameters, into staging)
 #         -> publish (per parameter, into zero/) -> finalize (checks, then latest_universal)
+# Each rule file's stage is the module of the same name in src/ucpflow/stages/.
 import os
 
 from snakemake.utils import min_version
@@ -17,6 +18,7 @@ include: "rules/demo.smk"
 include: "rules/index.smk"
 include: "rules/extract.smk"
 include: "rules/merge.smk"
+include: "rules/publish.smk"
 include: "rules/finalize.smk"
 include: "rules/inspect.smk"
 include: "rules/export.smk"

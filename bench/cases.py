@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import sampling
-from ucpflow.finalize import folder_bytes
+from ucpflow.stages.finalize import folder_bytes
 
 BUILD_TIMEOUT = 3600
 COMPLETE_MARKER = ".complete"

@@ -21,7 +21,7 @@ from bench.measure import run_measured
 from bench.profile import profile_run
 from bench.scale import snakemake_env, time_dry_run
 from bench.workflow import snapshot_workflow, workflow_fingerprint
-from ucpflow.signature import is_signature
+from ucpflow.source.signature import is_signature
 
 REPO = Path(__file__).resolve().parents[1]
 DS_TO_UNIVERSAL, UCPFLOW = "ds_to_universal", "ucpflow"

@@ -2,13 +2,12 @@
 
 BLOOM-176B was trained with Megatron-DeepSpeed on TP4 x PP12 x DP8 (ZeRO-1, bf16): 384 optimizer
 files, 70 transformer layers, hidden 14336, padded vocabulary 250880. The index tables are written
-from those shapes alone, the way `ucpflow.jobs.index_job` writes them (same columns, same bucketing,
+from those shapes alone, the way `ucpflow.stages.index.index_job` writes them (same columns, same bucketing,
 same layout record), and the checkpoint files are empty placeholders: no tensor is ever created.
 The workflow finds a complete index in its work folder and plans every job after it (extract,
 merge, publish, copy, finalize) without running the index again.
 """
 
-import json
 import math
 import os
 import re
@@ -18,15 +17,23 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from ucpflow import dsconst as C
 from ucpflow import ptfile
-from ucpflow.index import layout_record, shape_text
-from ucpflow.jobs import optimizer_state_source, source_kinds, source_name
-from ucpflow.layout import Layout, RankFile
-from ucpflow.patterns import classify
-from ucpflow.plan import assign_buckets, bucket_sources
+from ucpflow.source.patterns import classify
+from ucpflow.stages.index import assign_buckets, bucket_sources, optimizer_state_source, source_kinds
+from ucpflow.tables import (
+    FORMAT_MERGED,
+    Fragment,
+    IndexRecord,
+    Layout,
+    Parameter,
+    RankFile,
+    index_files,
+    source_name,
+    write_fragments,
+    write_index_record,
+    write_parameters,
+)
 
 TP, PP, DP = 4, 12, 8
 LAYERS, HIDDEN, VOCAB, ORIGINAL_VOCAB = 70, 14336, 250880, 250680
@@ -136,11 +143,9 @@ def fragment_rows(folder, stages):
                     path = str(folder / rank_file_name(pp, tp, dp))
                     for state in STATES:
                         offset, count = (0, 1) if state == "step" else (lo - dp * partition, hi - lo)
-                        rows.append((name, state, tp, pp, dp, path, f"{state}/0", offset, count, shape_text(shape)))
+                        rows.append(Fragment(name, state, tp, pp, dp, path, f"{state}/0", offset, count, shape))
                 start += numel
-    return pd.DataFrame(
-        rows, columns=["param", "state", "tp", "pp", "dp", "file", "tensor", "offset", "numel", "shape"]
-    )
+    return rows
 
 
 def parameter_table(stages):
@@ -152,28 +157,24 @@ def parameter_table(stages):
             seen.add(name)
             rule = classify(UNIVERSAL_INFO, name, has_slices=True)
             rows.append(
-                dict(
+                Parameter(
                     param=name,
-                    format="merged",
+                    format=FORMAT_MERGED,
                     merge=rule.kind,
                     vocabulary=rule.vocabulary,
-                    shapes=json.dumps([list(shape)] * TP),
-                    states=",".join(sorted(STATES)),
+                    shapes=[tuple(shape)] * TP,
+                    states=tuple(sorted(STATES)),
                     numel=TP * math.prod(shape),
-                    source="",
-                    tensor="",
                 )
             )
-    params = pd.DataFrame(rows)
-    params["bytes"] = params["numel"] * 4 * params["states"].str.count(r"fp32|exp_avg")
-    return params
+    return rows
 
 
 def synthetic_signature(folder):
     """The work-folder signature the workflow computes for `folder` with the schema's default config."""
     import yaml
 
-    from ucpflow.signature import workflow_signature
+    from ucpflow.source.signature import workflow_signature
 
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml").read_text())
     defaults = {key: spec.get("default") for key, spec in schema["properties"].items()}
@@ -214,23 +215,20 @@ def write_synthetic_index(root, *, job_bytes=DEFAULT_JOB_BYTES, min_jobs=DEFAULT
 
     index = work / synthetic_signature(folder) / "index"
     index.mkdir(parents=True)
-    outputs = {
-        "layout": index / "layout.json",
-        "fragments": index / "fragments.tsv",
-        "params": index / "params.tsv",
-        "info": index / "universal_info.pkl",
-    }
-    record = layout_record(layout, outputs["info"])
-    record["output_folder"] = str(output)
-    record["optimizer_state_source"] = optimizer_state_source(layout)
-    record["sources"] = source_kinds(layout, params)
-    record["bucket_sources"] = {
-        b: [source_name(p) for p in files] for b, files in bucket_sources(fragments, params).items()
-    }
-    ptfile.save(UNIVERSAL_INFO, outputs["info"])
-    fragments.to_csv(outputs["fragments"], sep="\t", index=False)
-    params.to_csv(outputs["params"], sep="\t", index=False)
-    outputs["layout"].write_text(json.dumps(record, indent=1))
+    outputs = index_files(str(index))
+    record = IndexRecord(
+        layout=layout,
+        universal_info_file=outputs.info,
+        output_folder=str(output),
+        optimizer_state_source=optimizer_state_source(layout),
+        sources=source_kinds(layout, params),
+        bucket_sources={b: [source_name(p) for p in files] for b, files in bucket_sources(fragments, params).items()},
+        hf_config_folder=None,
+    )
+    ptfile.save(UNIVERSAL_INFO, outputs.info)
+    write_fragments(outputs.fragments, fragments)
+    write_parameters(outputs.params, params)
+    write_index_record(outputs.layout, record)
     return (
         folder,
         output,
@@ -239,7 +237,7 @@ def write_synthetic_index(root, *, job_bytes=DEFAULT_JOB_BYTES, min_jobs=DEFAULT
             "rank_files": len(rank_files),
             "parameters": len(params),
             "fragments": len(fragments),
-            "merge_jobs": params["bucket"].nunique(),
+            "merge_jobs": len({p.bucket for p in params}),
         },
     )
 

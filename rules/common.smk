@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,11 +16,23 @@ os.environ.update(
     PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_ROOT, os.getenv("PYTHONPATH")) if p)
 )
 
-from ucpflow.allowlist import configure as allow_globals
 from ucpflow.config import Settings, coerce_booleans, explain_validation_error
 from ucpflow.errors import UcpflowError
-from ucpflow.publish import incomplete_parameter_stamp
-from ucpflow.signature import workflow_signature
+from ucpflow.ptfile.allowlist import configure as allow_globals
+from ucpflow.smk import index_files as index_files_of, run_in_process
+from ucpflow.source.signature import workflow_signature
+from ucpflow.stages.finalize import summary_line
+from ucpflow.stages.publish import incomplete_parameter_stamp, publish_job as publish
+from ucpflow.tables import (
+    FP32_FILE,
+    MODEL_STATES_SUFFIX,
+    OPTIMIZER_STATE_FILE,
+    STAGING,
+    ZERO,
+    index_files,
+    read_index_record,
+    read_parameters,
+)
 
 try:
     coerce_booleans(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -62,12 +75,7 @@ def _read_json(path):
 
 
 def _read_buckets(path):
-    import pandas as pd
-
-    params = pd.read_csv(
-        path, sep="\t", keep_default_na=False, usecols=["param", "bucket"]
-    )
-    return dict(zip(params["param"], params["bucket"]))
+    return {row.param: row.bucket for row in read_parameters(path)}
 
 
 _INDEX_OUTPUT = []
@@ -85,8 +93,8 @@ def index_output():
 
 
 def indexed_layout():
-    """The checkpoint layout written by the `index` checkpoint."""
-    return _read_index_file(index_output().layout, _read_json)
+    """The index record (tables.IndexRecord) written by the `index` checkpoint."""
+    return _read_index_file(index_output().layout, read_index_record)
 
 
 def bucket_of_parameter():
@@ -102,7 +110,7 @@ def checkpoint_input(wildcards):
 
 
 def extraction_source(wildcards):
-    sources = indexed_layout()["sources"]
+    sources = indexed_layout().sources
     if wildcards.source not in sources:
         raise WorkflowError(
             f"{wildcards.source} is not a file of the indexed checkpoint."
@@ -111,7 +119,7 @@ def extraction_source(wildcards):
 
 
 def _maps_of_bucket(bucket):
-    names = indexed_layout()["bucket_sources"][bucket]
+    names = indexed_layout().bucket_sources[bucket]
     return [f"{DERIVED}/extract/{name}.tsv" for name in names]
 
 
@@ -128,8 +136,13 @@ def parameter_bucket(wildcards):
     return bucket
 
 
+def universal_folder(wildcards):
+    """The universal checkpoint's folder, for a job that writes into a folder inside it."""
+    return OUT
+
+
 def staged_bucket(wildcards):
-    return f"{OUT}/tmp/{parameter_bucket(wildcards)}"
+    return f"{OUT}/{STAGING}/{parameter_bucket(wildcards)}"
 
 
 def parameter_maps(wildcards):
@@ -141,15 +154,13 @@ def repair_request(wildcards):
     other states are written beside it) asks for a new, never-seen request file, which reruns its publish.
     """
     stamp = incomplete_parameter_stamp(
-        f"{OUT}/zero/{wildcards.param}", _parameter_files()[wildcards.param]
+        f"{OUT}/{ZERO}/{wildcards.param}", _parameter_files()[wildcards.param]
     )
     return [f"{DERIVED}/repair/{wildcards.param}.{stamp}"] if stamp else []
 
 
 def _read_parameter_files(path):
-    from ucpflow.publish import parameter_files
-
-    return parameter_files(path)
+    return {row.param: row.files for row in read_parameters(path)}
 
 
 def _parameter_files():
@@ -157,36 +168,30 @@ def _parameter_files():
 
 
 def optimizer_state_file(wildcards):
-    return indexed_layout()["optimizer_state_source"]
+    return indexed_layout().optimizer_state_source
 
 
 def model_state_source(wildcards):
-    sources = {os.path.basename(path): path for path in indexed_layout()["copy_files"]}
-    return sources[wildcards.model_file]
+    copied = indexed_layout().layout.copy_files
+    return {os.path.basename(path): path for path in copied}[wildcards.model_file]
 
 
 def universal_outputs(wildcards):
-    layout = indexed_layout()
+    copied = indexed_layout().layout.copy_files
     return (
-        [f"{OUT}/zero/{param}/fp32.pt" for param in bucket_of_parameter()]
+        [f"{OUT}/{ZERO}/{param}/{FP32_FILE}" for param in bucket_of_parameter()]
         + [rules.optimizer_state.output[0]]
-        + [f"{OUT}/{os.path.basename(path)}" for path in layout["copy_files"]]
+        + [f"{OUT}/{os.path.basename(path)}" for path in copied]
     )
 
 
 def _read_bucket_sizes(path):
-    import pandas as pd
-
-    params = pd.read_csv(
-        path, sep="\t", keep_default_na=False, usecols=["bucket", "bytes", "numel"]
-    )
-    grouped = params.groupby("bucket")
-    return {
-        bucket: {"bytes": int(total), "largest": int(largest) * 4}
-        for bucket, total, largest in zip(
-            grouped.size().index, grouped["bytes"].sum(), grouped["numel"].max()
-        )
-    }
+    sizes = {}
+    for row in read_parameters(path):
+        size = sizes.setdefault(row.bucket, {"bytes": 0, "largest": 0})
+        size["bytes"] += row.bytes
+        size["largest"] = max(size["largest"], row.numel * 4)
+    return sizes
 
 
 def merge_mem_mb(wildcards):
@@ -202,7 +207,7 @@ def merge_runtime(wildcards):
 
 
 def all_extraction_maps(wildcards):
-    return [f"{DERIVED}/extract/{name}.tsv" for name in indexed_layout()["sources"]]
+    return [f"{DERIVED}/extract/{name}.tsv" for name in indexed_layout().sources]
 
 
 def verify_mem_mb(wildcards, threads):
@@ -252,17 +257,6 @@ def staging_folder(path):
 def publish_job(wildcards, input, log_path):
     """What a publish job does, in Snakemake's process (a fresh process per parameter would cost more
     than its work)."""
-    from ucpflow.jobs import publish_job as publish
-    from ucpflow.smk import run_in_process
-
-    merge_inputs = (
-        parameter_bucket(wildcards),
-        rules.index.output.layout,
-        rules.index.output.fragments,
-        rules.index.output.params,
-        rules.index.output.info,
-        parameter_maps(wildcards),
-    )
     run_in_process(
         log_path,
         publish,
@@ -270,14 +264,14 @@ def publish_job(wildcards, input, log_path):
         input.staged,
         OUT,
         _parameter_files()[wildcards.param],
-        merge_inputs,
+        parameter_bucket(wildcards),
+        index_files_of(rules.index.output),
+        parameter_maps(wildcards),
     )
 
 
 def print_conversion_summary():
     """The last line of a conversion that wrote latest_universal in this run: what, where, how to resume."""
-    from ucpflow.finalize import summary_line
-
     path = Path(rules.finalize.output.summary)
     if path.is_file() and path.stat().st_mtime >= STARTED:
         print(

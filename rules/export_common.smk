@@ -11,7 +11,7 @@ HF_FOLDER = os.path.normpath(
 
 def universal_model_state(wildcards):
     """The copied model-states file that holds Megatron's args, iteration and checkpoint version."""
-    return f"{OUT}/{os.path.basename(indexed_layout()['copy_files'][0])}"
+    return f"{OUT}/{os.path.basename(indexed_layout().layout.copy_files[0])}"
 
 
 def megatron_plan():
@@ -25,7 +25,7 @@ def hf_plan():
 
 
 def universal_weights(params):
-    return [f"{OUT}/zero/{param}/fp32.pt" for param in dict.fromkeys(params)]
+    return [f"{OUT}/{ZERO}/{param}/{FP32_FILE}" for param in dict.fromkeys(params)]
 
 
 def megatron_shard_weights(wildcards):
@@ -47,7 +47,7 @@ def megatron_shards(wildcards):
 
 def reads_rank_files():
     """A transformers model's hf export merges its tensors from the rank files, without the universal output."""
-    return indexed_layout()["hf_config_folder"] is not None
+    return indexed_layout().hf_config_folder is not None
 
 
 def hf_rank_maps(wildcards):
@@ -56,7 +56,7 @@ def hf_rank_maps(wildcards):
 
 def hf_plan_sources(wildcards):
     if reads_rank_files():
-        return {"model_states": indexed_layout()["model_files"]}
+        return {"model_states": indexed_layout().layout.model_files}
     return {
         "universal": universal_outputs(wildcards),
         "model_state": universal_model_state(wildcards),
@@ -68,12 +68,9 @@ def hf_shard_sources(wildcards):
     names = plan["shards"].get(wildcards.stem, [])
     if plan.get("source") == "transformers":
         return {
-            "layout": rules.index.output.layout,
-            "fragments": rules.index.output.fragments,
-            "params": rules.index.output.params,
-            "info": rules.index.output.info,
+            **rules.index.output,
             "maps": all_extraction_maps(wildcards),
-            "model_states": indexed_layout()["model_files"],
+            "model_states": indexed_layout().layout.model_files,
         }
     params = (plan["tensors"][name].get("param") for name in names)
     return {"weights": universal_weights(param for param in params if param)}

@@ -1,8 +1,8 @@
 rule extract:
-    """Map where each flat tensor of one rank (or model-states) file lies, for in-place reads."""
+    """Map where each flat tensor of one rank (or model-states) file lies, for in-place reads (stages/extract.py)."""
     input:
         layout=rules.index.output.layout,
-        source=lambda wildcards: extraction_source(wildcards)["path"],
+        source=lambda wildcards: extraction_source(wildcards).path,
     output:
         f"{DERIVED}/extract/{{source}}.tsv",
     log:
@@ -21,7 +21,7 @@ rule extract:
         mem_mb=1024,
         runtime=15,
     params:
-        source=lambda wildcards: extraction_source(wildcards)["path"],
-        kind=lambda wildcards: extraction_source(wildcards)["kind"],
+        source=lambda wildcards: extraction_source(wildcards).path,
+        kind=lambda wildcards: extraction_source(wildcards).kind,
     script:
         "../scripts/extract.py"

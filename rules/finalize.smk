@@ -5,7 +5,7 @@ rule optimizer_state:
         # The rank file it is read from: a changed rank file writes it again.
         source=optimizer_state_file,
     output:
-        f"{OUT}/zero/optimizer_state.pt",
+        f"{OUT}/{ZERO}/{OPTIMIZER_STATE_FILE}",
     log:
         f"{LOGS}/optimizer_state.log",
     benchmark:
@@ -28,7 +28,7 @@ rule copy_model_state:
     benchmark:
         f"{BENCHMARKS}/copy/{{model_file}}.tsv"
     wildcard_constraints:
-        model_file=r"[^/]+_model_states\.pt",
+        model_file=rf"[^/]+_{re.escape(MODEL_STATES_SUFFIX)}",
     conda:
         "../envs/ucpflow.yaml"
     params:

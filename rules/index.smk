@@ -1,12 +1,9 @@
 checkpoint index:
-    """Read the checkpoint's metadata (no tensor data): layout, fragment table, merge plan."""
+    """Read the checkpoint's metadata (no tensor data): layout, fragment table, merge plan (stages/index.py)."""
     input:
         checkpoint_input,
     output:
-        layout=f"{INDEX}/layout.json",
-        fragments=f"{INDEX}/fragments.tsv",
-        params=f"{INDEX}/params.tsv",
-        info=f"{INDEX}/universal_info.pkl",
+        **index_files(INDEX)._asdict(),
     log:
         f"{LOGS}/index.log",
     benchmark:

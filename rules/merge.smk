@@ -1,14 +1,11 @@
 rule merge:
-    """Merge one bucket of parameters into its staging folder OUT/tmp/<bucket>/<param>/."""
+    """Merge one bucket of parameters into its staging folder OUT/tmp/<bucket>/<param>/ (stages/merge.py)."""
     input:
-        layout=rules.index.output.layout,
-        fragments=rules.index.output.fragments,
-        params=rules.index.output.params,
-        info=rules.index.output.info,
+        **rules.index.output,
         maps=bucket_maps,
     output:
         # Removed once all its parameters are published (kept with keep_temp_folder, as ds_to_universal).
-        staged=staging_folder(f"{OUT}/tmp/{{bucket}}"),
+        staged=staging_folder(f"{OUT}/{STAGING}/{{bucket}}"),
     log:
         f"{LOGS}/merge/{{bucket}}.log",
     benchmark:
@@ -21,41 +18,7 @@ rule merge:
     resources:
         mem_mb=merge_mem_mb,
         runtime=merge_runtime,
+    params:
+        output_folder=universal_folder,
     script:
         "../scripts/merge.py"
-
-
-rule repair_request:
-    """A published parameter folder lost a file: this new, empty request file reruns its publish job."""
-    output:
-        f"{DERIVED}/repair/{{param}}.{{stamp}}",
-    log:
-        f"{LOGS}/repair/{{param}}.{{stamp}}.log",
-    wildcard_constraints:
-        stamp=r"\d+",
-    localrule: True
-    threads: 0
-    run:
-        Path(output[0]).touch()
-
-
-rule publish:
-    """Hard-link one parameter's merged files into OUT/zero/<param>/ (fp32.pt and the other states
-    beside it); a staged copy that lost files is merged again here. Runs in Snakemake's own process.
-    """
-    input:
-        # Only what it reads on every run: Snakemake checksums and tracks each input of each of these jobs.
-        # The merge inputs it needs when a staged copy lost files are those of the merge that wrote it.
-        staged=staged_bucket,
-        repair=repair_request,
-    output:
-        f"{OUT}/zero/{{param}}/fp32.pt",
-    log:
-        f"{LOGS}/publish/{{param}}.log",
-    wildcard_constraints:
-        param=r"[^/]+",
-    localrule: True
-    # A few file operations in Snakemake's process: no core taken, so a bucket's are started together.
-    threads: 0
-    run:
-        publish_job(wildcards, input, log[0])

@@ -3,10 +3,7 @@ rule verify:
     fails naming the first parameters whose files do not match. `snakemake -f verify` checks again.
     """
     input:
-        layout=rules.index.output.layout,
-        fragments=rules.index.output.fragments,
-        params=rules.index.output.params,
-        info=rules.index.output.info,
+        **rules.index.output,
         maps=all_extraction_maps,
         # Verify a finished conversion; a later conversion writes it again and so reruns this check.
         latest=SETTINGS.latest_universal,

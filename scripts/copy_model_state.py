@@ -2,8 +2,8 @@
 
 import os
 
-from ucpflow.jobs import copy_model_state_job
 from ucpflow.smk import run
+from ucpflow.stages.finalize import copy_model_state_job
 
 
 def main():

@@ -1,6 +1,6 @@
 """Rule `demo_checkpoint`: train the demo GPT with real DeepSpeed on CPU processes and save it."""
 
-from ucpflow.jobs import demo_checkpoint_job
+from ucpflow.demo.job import demo_checkpoint_job
 from ucpflow.smk import run
 
 

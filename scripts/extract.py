@@ -1,7 +1,7 @@
 """Rule `extract`: map where each flat tensor of one checkpoint file lies, for the merges to read in place."""
 
-from ucpflow.jobs import extract_job
 from ucpflow.smk import run
+from ucpflow.stages.extract import extract_job
 
 
 def main():

@@ -1,8 +1,8 @@
 """Rule `finalize`: check the universal checkpoint complete, then write latest_universal last."""
 
-from ucpflow.finalize import finalize_job
-from ucpflow.jobs import load_layout
 from ucpflow.smk import run
+from ucpflow.stages.finalize import finalize_job
+from ucpflow.tables import read_index_record
 
 
 def main():
@@ -10,7 +10,7 @@ def main():
         snakemake.params.output_folder,
         snakemake.output.latest,
         snakemake.input.params,
-        load_layout(snakemake.input.layout)["copy_files"],
+        read_index_record(snakemake.input.layout).layout.copy_files,
         snakemake.output.summary,
         snakemake.params.keep_temp_folder,
     )

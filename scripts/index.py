@@ -1,14 +1,14 @@
 """Rule `index`: read the checkpoint's metadata into the fragment table and the merge plan."""
 
-from ucpflow.jobs import index_job
-from ucpflow.smk import run
+from ucpflow.smk import index_files, run
+from ucpflow.stages.index import index_job
 
 
 def main():
     layout, params = index_job(
         snakemake.params.input_folder,
         snakemake.params.output_folder,
-        dict(snakemake.output.items()),
+        index_files(snakemake.output),
         strict=snakemake.params.strict,
         inject_missing_state=snakemake.params.inject_missing_state,
         job_bytes=snakemake.params.merge_job_bytes,
@@ -17,7 +17,7 @@ def main():
     )
     print(f"{layout.folder}: ZeRO stage {layout.zero_stage}, pp={layout.pp_degree} tp={layout.tp_degree} "
           f"dp={layout.dp_degree}, {len(layout.rank_files)} rank files, {len(params)} parameters "
-          f"in {params['bucket'].nunique()} merge jobs")
+          f"in {len({p.bucket for p in params})} merge jobs")
 
 
 run(snakemake, main)

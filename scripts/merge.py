@@ -1,22 +1,16 @@
 """Rule `merge`: merge one bucket of parameters into their universal files in the bucket's staging folder."""
 
-import os
-
-from ucpflow.jobs import merge_job
-from ucpflow.smk import run
+from ucpflow.smk import index_files, run
+from ucpflow.stages.merge import merge_job
 
 
 def main():
     rows = merge_job(
         snakemake.wildcards.bucket,
-        snakemake.input.layout,
-        snakemake.input.fragments,
-        snakemake.input.params,
-        snakemake.input.info,
+        index_files(snakemake.input),
         list(snakemake.input.maps),
         snakemake.output.staged,
-        # The staging folder is <output_folder>/tmp/<bucket>.
-        os.path.dirname(os.path.dirname(snakemake.output.staged)),
+        snakemake.params.output_folder,
     )
     return f"merged {len(rows)} parameters"
 

@@ -1,7 +1,7 @@
 """Rule `optimizer_state`: write zero/optimizer_state.pt from the first rank's optimizer state."""
 
-from ucpflow.jobs import optimizer_state_job
 from ucpflow.smk import run
+from ucpflow.stages.finalize import optimizer_state_job
 
 
 def main():

@@ -1,15 +1,12 @@
 """Rule `report_tables`: the inspect tables and plot of the indexed checkpoint, for `snakemake --report`."""
 
-from ucpflow.jobs import report_tables_job
-from ucpflow.smk import run
+from ucpflow.inspect import report_tables_job
+from ucpflow.smk import index_files, run
 
 
 def main():
     report_tables_job(
-        snakemake.input.layout,
-        snakemake.input.info,
-        snakemake.input.fragments,
-        snakemake.input.params,
+        index_files(snakemake.input),
         snakemake.output.summary,
         snakemake.output.plot,
     )

@@ -2,13 +2,14 @@
 
 import sys
 
-from ucpflow.smk import run
+from ucpflow.smk import index_files, run
 from ucpflow.verify import verify_job
 
 
 def main():
     line = verify_job(
-        dict(snakemake.input.items()),
+        index_files(snakemake.input),
+        list(snakemake.input.maps),
         snakemake.params.output_folder,
         snakemake.input.latest,
         dict(snakemake.output.items()),

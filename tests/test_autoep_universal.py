@@ -12,7 +12,7 @@ from universal_compare import compare_universal, resume_from_ours
 
 from ucpflow.demo.autoep.launch import resume_from_universal
 from ucpflow.errors import CheckpointError
-from ucpflow.index import build_index
+from ucpflow.source.fragments import build_index
 from ucpflow.inspect import inspect_checkpoint
 
 CASES = {

@@ -15,7 +15,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
 from ucpflow.errors import UcpflowError
-from ucpflow.export.hf import parse_size, save_order, split_into_shards
+from ucpflow.export.hf_common import parse_size, save_order, split_into_shards
 
 TOKENS = [[1, 2, 3, 4, 5, 6, 7, 8], [49, 0, 17, 17, 3, 44, 2, 30]]
 MAX_SHARD_SIZE = "40KB"  # the toy model's 104 kB of bf16 weights in three files

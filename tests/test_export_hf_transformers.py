@@ -168,7 +168,7 @@ def test_autotp_checkpoint_with_the_config_given_by_hf_config(autotp_checkpoint,
 
 def test_the_model_config_is_found_beside_or_above_the_tag_folder_or_named(tmp_path):
     from ucpflow.errors import UcpflowError
-    from ucpflow.hfconfig import find_model_config
+    from ucpflow.source.hfconfig import find_model_config
 
     tag = tmp_path / "out" / "checkpoint-4" / "global_step4"
     tag.mkdir(parents=True)

@@ -6,7 +6,7 @@ import csv
 from conftest import copy_tag, snakemake
 from test_megatron_universal import change_fragment
 from workflow_runs import unfinished_entries
-from ucpflow.signature import derived_folder
+from ucpflow.source.signature import derived_folder
 
 PARAM = "2.input_layernorm.weight"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ucpflow.errors import CheckpointError
-from ucpflow.merge import FragmentReader
+from ucpflow.stages.extract import FragmentReader
 
 HEADER = 64
 

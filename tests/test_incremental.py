@@ -10,7 +10,7 @@ from conftest import copy_tag
 from many_parameters import MERGE_MIN_JOBS, many_parameters  # noqa: F401  (pytest fixture)
 from universal_compare import compare_universal
 from workflow_runs import jobs_run, run_workflow, workflow_command
-from ucpflow.signature import derived_folder
+from ucpflow.source.signature import derived_folder
 
 
 class CompleteConversion:

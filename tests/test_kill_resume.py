@@ -9,7 +9,7 @@ import pytest
 from many_parameters import MERGE_MIN_JOBS, many_parameters  # noqa: F401  (pytest fixture)
 from universal_compare import compare_universal
 
-from ucpflow.signature import derived_folder
+from ucpflow.source.signature import derived_folder
 from workflow_runs import (
     UNFINISHED_NAME,
     file_states,

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import ptfile_helpers as helpers
-from ucpflow import allowlist, ptfile
+from ucpflow import ptfile
+from ucpflow.ptfile import allowlist
 from ucpflow.demo.launcher import run_deepspeed
 from ucpflow.errors import CheckpointError
 
@@ -660,7 +661,8 @@ def test_deepspeed_model_state_round_trip(deepspeed_checkpoint, tmp_path):
 def test_load_and_save_never_import_torch_or_deepspeed(deepspeed_checkpoint, tmp_path):
     script = textwrap.dedent("""
         import sys
-        from ucpflow import allowlist, ptfile
+        from ucpflow import ptfile
+from ucpflow.ptfile import allowlist
 
         for path in sys.argv[1:3]:
             checkpoint = ptfile.load(path)

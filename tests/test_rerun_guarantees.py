@@ -15,7 +15,7 @@ from test_kill_resume import MOMENTS, Conversion
 from universal_compare import compare_universal
 from workflow_runs import SHOW_JOBS, kill_session, run_workflow, start_workflow, unfinished_entries, wait_until
 
-from ucpflow.signature import derived_folder
+from ucpflow.source.signature import derived_folder
 
 SMALL = dict(num_procs=2, zero_stage=1, dtype="bf16")
 DELETION_SEEDS = range(12)

@@ -12,7 +12,7 @@ from conftest import REPO, ds_to_universal
 from slurm.cluster import slurm_cluster, slurm_logdir  # noqa: F401  (pytest fixture)
 from universal_compare import compare_universal
 from workflow_runs import SHOW_JOBS, workflow_env
-from ucpflow.signature import derived_folder
+from ucpflow.source.signature import derived_folder
 
 SUBMITTED = re.compile(r"^Job \S+ has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$", re.MULTILINE)
 

@@ -19,7 +19,8 @@ from conftest import REPO, convert, copy_tag, snakemake
 from export_cases import PER_HEAD_TP2_PP2, Converted
 from payloads import PAYLOADS, plant
 
-from ucpflow import allowlist, ptfile
+from ucpflow import ptfile
+from ucpflow.ptfile import allowlist
 from ucpflow.errors import CheckpointError
 
 OPTIM = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -238,7 +239,7 @@ def test_allow_globals_lets_a_named_global_through(megatron_tag, tmp_path, monke
 
 def test_bounded_repr_shows_tuples_and_positional_arguments_whole():
     from ucpflow.ptfile.opaque import _opaque_class
-    from ucpflow.untrusted import bounded_repr
+    from ucpflow.ptfile.guard import bounded_repr
 
     stage = _opaque_class("deepspeed.runtime.zero.config", "ZeroStageEnum")(1)
     assert bounded_repr([(1, 2, 3), (4, 5), {"stage": stage}]) == (

@@ -13,7 +13,7 @@ from conftest import convert, snakemake
 from verify_run import verify_conversion
 
 from ucpflow.verify import verify
-from ucpflow.signature import derived_folder
+from ucpflow.source.signature import derived_folder
 
 CASES = {
     "zero1_dp2": ("deepspeed", "z1_bf16_dp2", dict(num_procs=2, zero_stage=1, dtype="bf16")),

@@ -1,18 +1,18 @@
 """Fast tier: for every merge rule, verify's position map (`ucpflow.verify.placement`) places each source
-element where the merge puts it. Random per-rank slices are merged by `ucpflow.merge.merge_state` (tested
+element where the merge puts it. Random per-rank slices are merged by `ucpflow.stages.merge.merge_state` (tested
 against ds_to_universal elsewhere; affine maps by DeepSpeed's own rebuild), and the position checksum of the
 slices must equal that of the merged tensor, with the same shape and metadata keys; a slice from the wrong
 rank, or a merged tensor permuted, must not."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 
 from ucpflow import dsconst as C
-from ucpflow.merge import Slice, merge_state
-from ucpflow.patterns import classify
+from ucpflow.source.patterns import classify
+from ucpflow.stages.merge import Slice, merge_state
+from ucpflow.tables import FORMAT_MERGED, OPTIMIZER_STATES, Parameter
 from ucpflow.verify.digest import Checksum, run_sum, structure_text
 from ucpflow.verify.parameters import placed_checksum
 from ucpflow.verify.placement import geometry
@@ -43,8 +43,10 @@ def _slices(shapes, replicated=False):
 
 
 def _place(info, shapes, slices, state="fp32"):
-    row = {"param": NAME, "format": "merged", "shapes": json.dumps(shapes), "numel": sum(map(math.prod, shapes))}
-    shape_geometry = geometry(row, classify(info, NAME), info, len(shapes), state)
+    rule = classify(info, NAME)
+    row = Parameter(param=NAME, format=FORMAT_MERGED, merge=rule.kind, vocabulary=rule.vocabulary,
+                    shapes=[tuple(shape) for shape in shapes], states=OPTIMIZER_STATES, numel=sum(map(math.prod, shapes)))
+    shape_geometry = geometry(row, rule, info, len(shapes), state)
     total = Checksum()
     for tp, piece in enumerate(slices):
         if tp in shape_geometry.runs:

@@ -1,6 +1,6 @@
 """verify() called in the test process on a finished conversion (faster than the `verify` target)."""
 
-from ucpflow.signature import derived_folder
+from ucpflow.source.signature import derived_folder
 from ucpflow.verify import failure, verify
 
 

@@ -4,16 +4,16 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from .errors import UcpflowError
+import yaml
 
+from .errors import UcpflowError
+from .markers import latest_universal_path
 
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def coerce_booleans(config, schema_path):
     """`--config strict=false` arrives as the string 'false'; read such words as the booleans the schema wants."""
-    import yaml
-
     with open(schema_path) as handle:
         properties = yaml.safe_load(handle).get("properties", {})
     for key, spec in properties.items():
@@ -57,7 +57,7 @@ class Settings:
             output_folder=output,
             work_folder=os.path.normpath(config.get("work_folder") or default_work_folder(output)),
             demo_folder=os.path.normpath(config["demo"]["folder"]),
-            latest_universal=os.path.join(os.path.dirname(output), "latest_universal"),
+            latest_universal=latest_universal_path(output),
         )
         if not settings.builds_demo and not os.path.isdir(settings.input_folder):
             raise UcpflowError(f"Config key `input_folder`: {settings.input_folder} does not exist or is not a folder.")

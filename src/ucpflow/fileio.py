@@ -103,6 +103,13 @@ def atomic_directory(final):
         raise
 
 
+def remove_partial_folders(final):
+    """Leftovers of an interrupted atomic_directory(final): `.<name>.*.partial` beside it."""
+    final = Path(final)
+    for leftover in final.parent.glob(f".{final.name}.*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def copy_file(source, final):
     """Copy with metadata (as shutil.copy2 does) through a temp name."""
     temp = _temp_path(final)

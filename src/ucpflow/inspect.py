@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+from html import escape
 from pathlib import Path
 
 import pandas as pd
@@ -18,9 +19,26 @@ import pandas as pd
 from . import dsconst as C
 from . import ptfile
 from .errors import CheckpointError, UcpflowError
-from .layout import LAYER_FILE_PATTERN, ZERO3_RANKS_PATTERN, discover, resolve_tag_folder
-from .patterns import COLUMN_PARALLEL, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, classify
-from .untrusted import bounded_repr, refusal, scan_folder
+from .export.overview import export_overview
+from .fileio import atomic_writer, write_text
+from .ptfile.guard import bounded_repr, refusal
+from .source.fragments import build_index
+from .source.layout import LAYER_FILE_PATTERN, ZERO3_RANKS_PATTERN, discover, resolve_tag_folder
+from .source.patterns import COLUMN_PARALLEL, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, classify
+from .source.trust import scan_folder
+from .stages.index import assign_buckets
+from .tables import (
+    FORMAT_EXPERT,
+    FORMAT_FLAT,
+    Fragment,
+    IndexFiles,
+    Layout,
+    Parameter,
+    read_fragments,
+    read_index_record,
+    read_parameters,
+    read_universal_info,
+)
 
 MAX_LIST_ITEMS = 8
 CONCATENATED = (COLUMN_PARALLEL, ROW_PARALLEL, TWO_SUB_PARAMS, SUB_PARAMS)
@@ -116,32 +134,33 @@ def _model_dtypes(layout):
     return dtypes
 
 
-def parameters_table(layout, info, fragments, params):
+def parameters_table(layout: Layout, info: dict, fragments: list[Fragment], params: list[Parameter]) -> pd.DataFrame:
     dtypes = _model_dtypes(layout)
-    first_stage = fragments.groupby("param")["pp"].min().to_dict() if len(fragments) else {}
+    first_stage = {}
+    for fragment in fragments:
+        first_stage[fragment.param] = min(fragment.pp, first_stage.get(fragment.param, fragment.pp))
     rows = []
-    for row in params.to_dict("records"):
-        rule = classify(info, row["param"]) if row["merge"] else None
-        shapes = json.loads(row["shapes"])
-        shape = universal_shape(shapes, rule, info) if row["format"] != "flat" else tuple(shapes[0])
+    for row in params:
+        rule = classify(info, row.param) if row.merge else None
+        shape = universal_shape(row.shapes, rule, info) if row.format != FORMAT_FLAT else tuple(row.shapes[0])
         rows.append(dict(
-            param=row["param"],
+            param=row.param,
             shape="x".join(str(d) for d in shape),
-            dtype=dtypes.get(row["param"], ""),
+            dtype=dtypes.get(row.param, ""),
             numel=math.prod(shape),
-            pp_stage=first_stage.get(row["param"], ""),
+            pp_stage=first_stage.get(row.param, ""),
             tp_merge=_merge_text(row),
-            states=row["states"],
-            bytes=row["bytes"],
-            merge_job=row.get("bucket", ""),
+            states=",".join(row.states),
+            bytes=row.bytes,
+            merge_job=row.bucket,
         ))
     return pd.DataFrame(rows, columns=PARAMETER_COLUMNS)
 
 
-def _merge_text(row):
-    if row["format"] == "expert":
+def _merge_text(row: Parameter) -> str:
+    if row.format == FORMAT_EXPERT:
         return "AutoEP experts"
-    return (row["merge"] or "model weights only") + (" + vocabulary" if row["vocabulary"] else "")
+    return (row.merge or "model weights only") + (" + vocabulary" if row.vocabulary else "")
 
 
 def _ranges(ids):
@@ -151,19 +170,19 @@ def _ranges(ids):
     return ",".join(str(i) for i in ids)
 
 
-def experts_table(params):
+def experts_table(params: list[Parameter]) -> pd.DataFrame:
     """One row per AutoEP fused expert parameter: its experts, where each EP rank's experts come from, bytes."""
     rows = []
-    for row in params.to_dict("records"):
-        if row["format"] != "expert":
+    for row in params:
+        if row.format != FORMAT_EXPERT:
             continue
-        plan = json.loads(row["experts"])
+        plan = row.experts
         placement = "; ".join(
             f"ep {rank}: experts {_ranges(experts)} (dp {_ranges(dp)})"
             for rank, (experts, dp) in enumerate(zip(plan["experts"], plan["dp_ranks"]))
         )
-        rows.append(dict(param=row["param"], moe_layer=plan["layer"], experts=plan["num_experts"],
-                         ep_size=len(plan["experts"]), placement=placement, bytes=row["bytes"]))
+        rows.append(dict(param=row.param, moe_layer=plan["layer"], experts=plan["num_experts"],
+                         ep_size=len(plan["experts"]), placement=placement, bytes=row.bytes))
     return pd.DataFrame(rows, columns=EXPERT_COLUMNS)
 
 
@@ -192,12 +211,11 @@ def layout_summary(layout):
     return summary
 
 
-def conversion_tables(layout, info, fragments, params):
+def conversion_tables(layout: Layout, info: dict, fragments: list[Fragment],
+                      params: list[Parameter]) -> tuple[dict, dict[str, pd.DataFrame]]:
     """(summary, tables) of an indexed checkpoint; `params` carries the merge plan's buckets."""
     summary = layout_summary(layout)
-    summary.update(parameters=len(params), universal_bytes=int(params["bytes"].sum()), blockers=[])
-    from .export.overview import export_overview
-
+    summary.update(parameters=len(params), universal_bytes=sum(p.bytes for p in params), blockers=[])
     state = ptfile.load(layout.model_files[0])
     summary["exports"] = export_overview(state.get("args"), state.get("checkpoint_version"), params)
     experts = experts_table(params)
@@ -216,9 +234,6 @@ def conversion_tables(layout, info, fragments, params):
 
 def inspect_checkpoint(input_folder, *, strict=True, inject_missing_state=False, job_bytes=4_000_000_000, min_jobs=2):
     """Everything inspect reports, as (summary dict, {table name: DataFrame}); problems become blockers."""
-    from .index import build_index
-    from .plan import assign_buckets
-
     folder = resolve_tag_folder(input_folder)
     findings = scan_folder(input_folder)
     if findings:
@@ -232,8 +247,18 @@ def inspect_checkpoint(input_folder, *, strict=True, inject_missing_state=False,
         _, info, fragments, params = build_index(input_folder, strict=strict, inject_missing_state=inject_missing_state)
     except CheckpointError as problem:
         return _blocked(layout_summary(layout), folder, layout, problem)
-    params = assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
+    assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
     return conversion_tables(layout, info, fragments, params)
+
+
+def report_tables_job(index: IndexFiles, summary_path: str, plot_path: str) -> None:
+    """The inspect tables and the bytes-per-parameter plot of the indexed checkpoint, for `snakemake --report`."""
+    info = read_universal_info(index.info)
+    layout = read_index_record(index.layout, info).layout
+    summary, tables = conversion_tables(layout, info, list(read_fragments(index.fragments)),
+                                        read_parameters(index.params))
+    write_inspection(summary, tables, Path(summary_path).parent)
+    plot_parameter_bytes(tables["parameters"], plot_path)
 
 
 def _blocked(summary, folder, layout, problem):
@@ -257,10 +282,6 @@ SVG_COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948",
 
 def plot_parameter_bytes(parameters, path, top=40):
     """SVG bar chart of the largest parameters' universal bytes, coloured by merge job (written atomically)."""
-    from html import escape
-
-    from .fileio import write_text
-
     label_width, bar_width, row, head = 300, 460, 16, 40
     largest = parameters.sort_values("bytes", ascending=False).head(top) if parameters is not None else parameters
     if largest is None or not len(largest):
@@ -314,8 +335,6 @@ def summary_text(summary):
 
 
 def write_inspection(summary, tables, folder):
-    from .fileio import atomic_writer, write_text
-
     folder = Path(folder)
     for name, table in tables.items():
         with atomic_writer(folder / f"{name}.csv") as handle:

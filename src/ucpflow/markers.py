@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 
 from .fileio import fsync_path, write_text
-
-LATEST_UNIVERSAL = "latest_universal"
+from .tables import LATEST_UNIVERSAL
 
 
 def latest_universal_path(output_folder):

@@ -6,6 +6,7 @@ import traceback
 from pathlib import Path
 
 from .errors import UcpflowError
+from .tables import IndexFiles
 
 
 def _job_name(snakemake):
@@ -55,3 +56,8 @@ def run_in_process(log_path, function, *args):
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         Path(log_path).write_text(f"ucpflow error: {error}\n")
         raise JobFailed(f"ucpflow error: {error}") from None
+
+
+def index_files(named) -> IndexFiles:
+    """The index's files among a job's named inputs or outputs (`layout`, `fragments`, `params`, `info`)."""
+    return IndexFiles(*(named.get(key) for key in IndexFiles._fields))

@@ -13,25 +13,30 @@ dropped and the LM head is left to be tied to the word embeddings.
 import json
 import math
 import os
-import re
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import UcpflowError
 from ..fileio import write_text
 from ..markers import retract, write_marker
+from ..source.hfconfig import CONFIG_FILE
+from ..tables import IndexFiles, read_index_record
 from . import hf_llama as HL
 from . import tensors as T
 from . import transformers_source as TS
-from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
+from .hf_common import (
+    INDEX_FILE,
+    ITEM_BYTES,
+    TORCH_DTYPES,
+    WEIGHT_FILE,
+    parse_size,
+    save_order,
+    shard_stems,
+    split_into_shards,
+)
+from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, load_source, read_full
 
-CONFIG_FILE = "config.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
-SINGLE_FILE_STEM = "model"
-INDEX_FILE = "model.safetensors.index.json"
-WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
-SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-ITEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GPT2_EOS_TOKEN = 50256
 
 COPY = "copy"
@@ -53,19 +58,6 @@ GPT2_LAYER = (
     ("mlp.c_proj.weight", "mlp.dense_4h_to_h.weight", TRANSPOSE),
     ("mlp.c_proj.bias", "mlp.dense_4h_to_h.bias", COPY),
 )
-
-
-def parse_size(size):
-    """Bytes of a size given as an integer or as transformers spells it ("5GB", "200MB": powers of 1000)."""
-    if isinstance(size, int):
-        return size
-    text = str(size).strip()
-    unit = text[-2:].upper()
-    try:
-        return int(float(text[:-2]) * SIZE_UNITS[unit])
-    except (KeyError, ValueError):
-        raise UcpflowError(f"Config key `hf_max_shard_size`: {size!r} is not a byte count or a size such as 5GB.") \
-            from None
 
 
 def gpt2_activation(args):
@@ -118,11 +110,6 @@ def check_gpt2_layers(source):
     for weight in source.weights:
         if weight.role == LAYER and weight.name not in known:
             raise UcpflowError(f"Parameter {weight.param} ({weight.name}) has no counterpart in a GPT-2 block.")
-
-
-def save_order(name):
-    """transformers 5 saves a model's tensors sorted by name part by part, numbers numerically."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def gpt2_tensors(source):
@@ -184,31 +171,6 @@ def generation_config(config):
     return {"_from_model_config": True, **tokens, "use_cache": True}
 
 
-def split_into_shards(sizes, max_bytes):
-    """Lists of tensor names, one per file, as huggingface_hub's split_torch_state_dict_into_shards makes
-    them: in order, a new file when the next tensor would overflow, and a tensor larger than the limit
-    in a file of its own, listed before the file being filled."""
-    shards, current, current_bytes = [], [], 0
-    for name, size in sizes.items():
-        if size > max_bytes:
-            shards.append([name])
-            continue
-        if current and current_bytes + size > max_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-        current.append(name)
-        current_bytes += size
-    if current:
-        shards.append(current)
-    return shards
-
-
-def shard_stems(count):
-    if count == 1:
-        return [SINGLE_FILE_STEM]
-    return [f"{SINGLE_FILE_STEM}-{i + 1:05d}-of-{count:05d}" for i in range(count)]
-
-
 def gpt2_plan(source, universal_folder, dtype):
     """Everything of a GPT-2 plan but the sharding, and {tensor: numel}."""
     check_gpt2_layers(source)
@@ -264,11 +226,9 @@ def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_
     """The plan of a transformers model's export (the index found its config.json beside or above the tag
     folder, or it is given as hf_config), which reads only the index; else of a Megatron GPT model's, which reads
     the universal output and its copied model-states file `model_state_path`."""
-    from .source import load_source
-
-    layout = json.loads(Path(layout_path).read_text())
-    if layout["hf_config_folder"] is not None:
-        plan = TS.plan_job(layout["hf_config_folder"], layout, params_path, hf_dtype, exclude_frozen, max_shard_size)
+    record = read_index_record(layout_path)
+    if record.hf_config_folder is not None:
+        plan = TS.plan_job(record.hf_config_folder, record.layout, params_path, hf_dtype, exclude_frozen, max_shard_size)
     else:
         source = load_source(params_path, universal_folder, model_state_path, qkv_layout)
         plan = hf_plan(source, universal_folder, max_shard_size, None if hf_dtype in ("", "auto") else hf_dtype)
@@ -293,17 +253,17 @@ def gpt2_array(plan, spec):
 
 
 
-def hf_shard_job(plan_path, stem, output, index=None):
-    """One safetensors file: a transformers model's merged from the rank files located by `index` (layout,
-    fragments, params, info and extraction-map paths), a Megatron model's from the universal output."""
+def hf_shard_job(plan_path: str, stem: str, output: str, index: IndexFiles | None = None,
+                 map_paths: list[str] = ()) -> None:
+    """One safetensors file: a transformers model's merged from the rank files located by `index` and the
+    extraction maps `map_paths`, a Megatron model's from the universal output."""
     plan = load_plan(plan_path)
     if stem not in plan["shards"]:
         raise UcpflowError(f"{stem}.safetensors is not a file of the planned export ({', '.join(plan['shards'])}).")
     retract(Path(output).parent / CONFIG_FILE)  # transformers finds a model by it: written last
     if TS.is_transformers_plan(plan):
-        return TS.shard_job(plan, stem, output, index)
-    import numpy as np
-    import torch
+        return TS.shard_job(plan, stem, output, index, list(map_paths))
+    import torch  # a Megatron model's shards are written with safetensors' torch API
     from safetensors.torch import save_file
 
     dtype = getattr(torch, TORCH_DTYPES[plan["dtype"]])

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import UcpflowError
 from . import tensors as T
+from .hf_common import TORCH_DTYPES, save_order
 from .source import FINAL_NORM, LAYER, OUTPUT_LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, read_full
 
 FAMILY = "Llama"
@@ -110,8 +111,6 @@ def llama_config(source, dtype_name):
 
 def llama_plan(source, universal_folder, dtype):
     """Everything of the plan but the sharding: tensors (in save order) with their output shapes, and config."""
-    from .hf import TORCH_DTYPES, save_order
-
     layout, why = source.qkv_layout
     tensors = dict(sorted(llama_tensors(source).items(), key=lambda item: save_order(item[0])))
     specs = {name: {"param": weight.param, "shape": list(weight.shape), "out_shape": output_shape(source, weight, t),

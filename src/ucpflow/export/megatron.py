@@ -23,7 +23,16 @@ from ..errors import UcpflowError
 from ..fileio import write_text
 from ..markers import retract, write_marker
 from . import tensors as T
-from .source import FINAL_NORM, LAYER, OUTPUT_LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, read_full
+from .source import (
+    FINAL_NORM,
+    LAYER,
+    OUTPUT_LAYER,
+    POSITION_EMBEDDINGS,
+    WORD_EMBEDDINGS,
+    load_plan,
+    load_source,
+    read_full,
+)
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -157,8 +166,6 @@ def check_megatron_folder(folder, plan):
 
 
 def megatron_plan_job(params_path, universal_folder, model_state_path, megatron_folder, tp, pp, output, qkv_layout=""):
-    from .source import load_source
-
     source = load_source(params_path, universal_folder, model_state_path, qkv_layout)
     plan = megatron_plan(source, universal_folder, model_state_path, tp, pp)
     check_megatron_folder(megatron_folder, plan)

@@ -3,13 +3,14 @@ alone (before any conversion): the model family, the fused QKV layout and what `
 
 from ..errors import UcpflowError
 from . import qkv_layout
+from .hf import GPT2, LLAMA, model_family
 from .source import SourceModel, Weight, classify_parameters
 
 
 def _source(args, checkpoint_version, params):
     """A SourceModel of the index's parameter table, without shapes (the family and the layout need none)."""
-    roles = classify_parameters(params["param"])
-    weights = tuple(Weight(row.param, *roles[row.param], row.merge, ()) for row in params.itertuples(index=False))
+    roles = classify_parameters([row.param for row in params])
+    weights = tuple(Weight(row.param, *roles[row.param], row.merge, ()) for row in params)
     return SourceModel(args, 0, float(checkpoint_version or 0), weights)
 
 
@@ -28,8 +29,6 @@ def _features(source):
 
 def export_overview(args, checkpoint_version, params):
     """Lines for inspect's summary, or [] when the checkpoint is not a Megatron GPT model's."""
-    from .hf import GPT2, LLAMA, model_family
-
     if not hasattr(args, "num_layers"):
         return []
     try:

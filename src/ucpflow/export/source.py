@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .. import ptfile
 from ..errors import CheckpointError
-from ..index import read_index_table
+from ..tables import FP32_FILE, ZERO, read_parameters
 from . import qkv_layout
 from .tensors import QKV_BLOCKS, QKV_PER_GROUP, QKV_PER_SLICE
 
@@ -137,7 +137,7 @@ def load_plan(path):
 
 
 def universal_path(universal_folder, param):
-    return os.path.join(universal_folder, "zero", param, "fp32.pt")
+    return os.path.join(universal_folder, ZERO, param, FP32_FILE)
 
 
 def _stored_tensor(path):
@@ -199,12 +199,12 @@ def load_source(params_path, universal_folder, model_state_path, requested_qkv_l
         raise CheckpointError(f"{model_state_path} holds no Megatron `args` (num_layers, hidden_size, ...), so the "
                               "checkpoint is not from a Megatron GPT model, and no transformers config.json is beside or above it "
                               "(config key hf_config names one).")
-    params = read_index_table(params_path)
-    roles = classify_parameters(params["param"])
+    params = read_parameters(params_path)
+    roles = classify_parameters([row.param for row in params])
     weights = []
-    for row in params.itertuples(index=False):
+    for row in params:
         role, layer, name = roles[row.param]
-        shape = _full_shape(universal_folder, row.param, json.loads(row.shapes))
+        shape = _full_shape(universal_folder, row.param, row.shapes)
         weights.append(Weight(row.param, role, layer, name, row.merge, shape))
     iteration = state.get("iteration", state.get("global_steps", 0))
     source = SourceModel(args, int(iteration), float(state.get("checkpoint_version", 0)), tuple(weights),

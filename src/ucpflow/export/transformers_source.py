@@ -25,12 +25,13 @@ from .. import ptfile
 from ..errors import CheckpointError, UcpflowError
 from ..fileio import copy_file, write_text
 from ..markers import write_marker
-from ..hfconfig import CONFIG_FILE
+from ..source.hfconfig import CONFIG_FILE
+from ..stages.merge import BucketMerger
+from ..tables import FORMAT_MODULE, IndexFiles, Layout, Parameter, read_parameters
+from .hf_common import GENERATION_CONFIG_FILE, parse_size, save_order
 from .safetensors_out import FLOATS, write_safetensors
 
 SOURCE = "transformers"
-FORMAT_MODULE = "module"  # index.FORMAT_MODULE: fp32 from the model weights (frozen, buffers; ZeRO-1/2)
-GENERATION_CONFIG_FILE = "generation_config.json"
 OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
@@ -48,22 +49,21 @@ def float_array(tensor):
     return array.astype(np.float32) if tensor.dtype in FLOATS else array
 
 
-def checkpoint_tensors(layout, params):
+def checkpoint_tensors(layout: Layout, params: list[Parameter]):
     """({name: source}, frozen names, {name: shared with}) of every tensor the checkpoint holds."""
-    state = ptfile.load(layout["model_files"][0])
+    state = ptfile.load(layout.model_files[0])
     buffers = set(state.get("buffer_names") or ())
     frozen_shapes = state.get("frozen_param_shapes") or {}
-    sources = {row.param: {"kind": MERGED, "param": row.param} for row in params.itertuples(index=False)}
-    frozen = set(frozen_shapes) | {row.param for row in params.itertuples(index=False)
-                                   if row.format == FORMAT_MODULE and row.param not in buffers}
-    if layout["zero_stage"] > 2:
-        if frozen_shapes and layout["tp_degree"] > 1:
-            raise CheckpointError(f"{layout['model_files'][0]} holds frozen parameters of a ZeRO-3 AutoTP model, "
+    sources = {row.param: {"kind": MERGED, "param": row.param} for row in params}
+    frozen = set(frozen_shapes) | {row.param for row in params if row.format == FORMAT_MODULE and row.param not in buffers}
+    if layout.zero_stage > 2:
+        if frozen_shapes and layout.tp_degree > 1:
+            raise CheckpointError(f"{layout.model_files[0]} holds frozen parameters of a ZeRO-3 AutoTP model, "
                                   "which the hf export does not support.")
         for name, shape in frozen_shapes.items():
-            sources[name] = {"kind": FRAGMENTS, "files": layout["model_files"], "numel": math.prod(shape)}
+            sources[name] = {"kind": FRAGMENTS, "files": layout.model_files, "numel": math.prod(shape)}
         for name in buffers:
-            sources[name] = {"kind": MODULE, "file": layout["model_files"][0]}
+            sources[name] = {"kind": MODULE, "file": layout.model_files[0]}
     return sources, frozen, dict(state.get("shared_params") or {}), state
 
 
@@ -91,8 +91,6 @@ def meta_model(config):
 def saved_state_dict(model):
     """The tensors save_pretrained writes: the state dict without tied copies, in the order of a model that
     from_pretrained loaded (sorted by name part by part), which decides the sharding."""
-    from .hf import save_order
-
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -116,8 +114,6 @@ def transformers_plan(config_folder, layout, params, hf_dtype, exclude_frozen, m
     import torch
     import transformers
     from huggingface_hub import split_torch_state_dict_into_shards
-
-    from .hf import parse_size
 
     config = transformers.AutoConfig.from_pretrained(config_folder)
     sources, frozen, shared, state = checkpoint_tensors(layout, params)
@@ -159,10 +155,9 @@ def transformers_plan(config_folder, layout, params, hf_dtype, exclude_frozen, m
     }
 
 
-def plan_job(config_folder, layout, params_path, hf_dtype, exclude_frozen, max_shard_size):
-    from ..index import read_index_table
-
-    plan = transformers_plan(config_folder, layout, read_index_table(params_path), hf_dtype, exclude_frozen,
+def plan_job(config_folder: str, layout: Layout, params_path: str, hf_dtype: str, exclude_frozen: bool,
+             max_shard_size) -> dict:
+    plan = transformers_plan(config_folder, layout, read_parameters(params_path), hf_dtype, exclude_frozen,
                              max_shard_size)
     print(f"{plan['model']} from {Path(config_folder) / CONFIG_FILE}: {len(plan['tensors'])} tensors, "
           f"{plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
@@ -184,13 +179,12 @@ def tensor_values(merger, spec):
     return np.concatenate(pieces)[:spec["numel"]].reshape(shape)
 
 
-def shard_job(plan, stem, output, index):
-    """Write one planned safetensors file; `index` is (layout, fragments, params, info, extraction maps) paths."""
-    from ..jobs.merge import BucketMerger
-
+def shard_job(plan: dict, stem: str, output: str, index: IndexFiles, map_paths: list[str]) -> None:
+    """Write one planned safetensors file, merging its tensors from the rank files that `index` and the
+    extraction maps `map_paths` locate."""
     names = plan["shards"][stem]
     specs = {name: {**plan["tensors"][name], "name": name} for name in names}
-    merger = BucketMerger(None, *index, names={spec["param"] for spec in specs.values() if spec["kind"] == MERGED})
+    merger = BucketMerger(None, index, map_paths, names={spec["param"] for spec in specs.values() if spec["kind"] == MERGED})
     try:
         write_safetensors(output, {name: (spec["dtype"], spec["shape"]) for name, spec in specs.items()},
                           lambda name: tensor_values(merger, specs[name]), metadata={"format": "pt"},

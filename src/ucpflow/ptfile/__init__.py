@@ -13,13 +13,12 @@ module parses the zip directory and unpickles `data.pkl` into light stand-ins:
   `torch.load` rebuilds the real object;
 * nothing a pickle names is ever run: a file naming a global outside the allowlist (allowlist.py)
   is refused, and so is a data.pkl that would make the unpickler allocate more than its size
-  (untrusted.py). `save` writes no global outside the allowlist either.
+  (guard.py). `save` writes no global outside the allowlist either.
 
 `save` writes the same zip layout as `torch.save` (records aligned to 64 bytes, CRC-32 checked,
 zip64 when needed), streaming tensor bytes from their source files or from numpy arrays.
 """
 
-from .. import untrusted
 from .dtypes import (
     DType,
     bfloat16_bits_to_float32,
@@ -28,7 +27,7 @@ from .dtypes import (
 )
 from .opaque import Opaque, opaque_instance
 from .reader import load
-from .standins import ArrayTensor, Device, Size, StorageRef, TensorRef
+from .standins import ArrayTensor, Device, Size, StorageRef, TensorRef, same_value
 from .unpickler import UntrustedGlobalError
 from .writer import save
 
@@ -46,7 +45,6 @@ __all__ = [
     "load",
     "numpy_dtype",
     "opaque_instance",
+    "same_value",
     "save",
 ]
-
-untrusted.register_leaves(TensorRef, StorageRef, DType, Size, Device, ArrayTensor)

@@ -10,8 +10,8 @@ import struct
 
 import numpy as np
 
-from .. import allowlist
 from ..errors import CheckpointError
+from . import allowlist
 from .dtypes import _DTYPES, DType, _contiguous_strides
 from .opaque import Opaque, _opaque_class, _OpaqueClass
 from .standins import (

@@ -23,7 +23,7 @@ def load(path, findings=None):
     Raises CheckpointError when the file is missing, not a PyTorch zip checkpoint, truncated,
     in the legacy pre-1.6 format, inconsistent with its own records or beyond the resource limits,
     and UntrustedGlobalError when it names a global outside the allowlist — unless `findings` is a
-    list, which then receives them (untrusted.Finding) while the stand-ins are returned.
+    list, which then receives them (guard.Finding) while the stand-ins are returned.
     """
     path = os.fspath(path)
     try:

@@ -8,8 +8,8 @@ import pickle
 import struct
 import zipfile
 
-from .. import allowlist, untrusted
 from ..errors import CheckpointError
+from . import allowlist, guard
 from .dtypes import _DTYPE_ALIASES, _DTYPE_BY_STORAGE_CLASS, _DTYPES, DType
 from .opaque import _opaque_class, _OpaqueClass, _pickled_getattr
 from .standins import Device, Size, StorageRef, TensorRef
@@ -60,11 +60,11 @@ class _Reader:
                 return reader.persistent_load(pid)
 
         try:
-            with untrusted.memory_cap(len(data)):
+            with guard.memory_cap(len(data)):
                 result = Unpickler(io.BytesIO(data)).load()
         except Exception as exc:
             if self.untrusted:  # whatever else went wrong, name the globals the pickle plants
-                findings = [untrusted.Finding(self.path, "(unpickling stopped)", name) for name in self.untrusted]
+                findings = [guard.Finding(self.path, "(unpickling stopped)", name) for name in self.untrusted]
                 raise UntrustedGlobalError(findings) from None
             if isinstance(exc, CheckpointError):
                 raise
@@ -76,11 +76,11 @@ class _Reader:
             if isinstance(exc, allowlist.LimitError):
                 raise self.error(f"is refused: its data.pkl asks for {exc}, more than any checkpoint needs") from None
             raise self.error(f"has a data.pkl that cannot be unpickled ({type(exc).__name__}: {exc})") from None
-        found, problem = untrusted.check_structure(result, self.untrusted)
+        found, problem = guard.check_structure(result, self.untrusted)
         if problem:
             raise self.error(f"is refused: its data.pkl holds {problem}")
         unreferenced = "(none: built and dropped while unpickling)"
-        findings = [untrusted.Finding(self.path, found.get(name, unreferenced), name) for name in self.untrusted]
+        findings = [guard.Finding(self.path, found.get(name, unreferenced), name) for name in self.untrusted]
         return result, findings
 
     def pickled_getattr(self, target, name):
@@ -89,8 +89,8 @@ class _Reader:
             self.untrusted.setdefault("builtins.getattr")
             return _opaque_class("builtins", "getattr")
         result = _pickled_getattr(target, name)
-        if not allowlist.is_allowed(untrusted.global_name(result)):
-            self.untrusted.setdefault(untrusted.global_name(result))
+        if not allowlist.is_allowed(guard.global_name(result)):
+            self.untrusted.setdefault(guard.global_name(result))
         return result
 
     def find_class(self, module, name):
@@ -220,5 +220,5 @@ class UntrustedGlobalError(CheckpointError):
     """A checkpoint names globals outside the allowlist (`findings`: file, key path, global)."""
 
     def __init__(self, findings):
-        super().__init__(untrusted.refusal(findings))
+        super().__init__(guard.refusal(findings))
         self.findings = findings

@@ -15,14 +15,22 @@ every rank's optimizer partitions, at its position:
   latest_universal, and no file beside them.
 """
 
-from .. import ptfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..errors import UcpflowError
-from ..jobs import load_layout, read_fragments, read_table
+from ..fileio import write_text
+from ..stages.extract import FragmentReader
+from ..tables import (
+    IndexFiles,
+    read_extraction,
+    read_fragments,
+    read_index_record,
+    read_parameters,
+    read_universal_info,
+)
 from .files import verify_files
-from .parameters import verify_parameter
+from .parameters import Universal, verify_parameter
 from .partitions import check_partitions
 from .report import PARTITION_COLUMNS, PASSING, REPORT_COLUMNS, failure, summary, write_tsv
 
@@ -31,12 +39,8 @@ __all__ = ["verify", "verify_job", "summary", "failure"]
 
 def _verify_bucket(task):
     """Worker: verify the parameters of one bucket (a process of its own when several run at once)."""
-    from ..extract import read_extraction
-    from ..merge import FragmentReader
-    from .parameters import Universal
-
     map_paths, output_folder, info_path, tp_degree, rows, fragments = task
-    info = ptfile.load(info_path)
+    info = read_universal_info(info_path)
     reader = FragmentReader({source: read_extraction(path) for source, path in map_paths.items()})
     universal = Universal(str(output_folder))
     by_param = {}
@@ -45,34 +49,33 @@ def _verify_bucket(task):
     try:
         report = []
         for row in rows:
-            report += verify_parameter(reader, universal, row, by_param.get(row["param"], []), info, tp_degree)
+            report += verify_parameter(reader, universal, row, by_param.get(row.param, []), info, tp_degree)
         return report
     finally:
         reader.close()
 
 
-def verify(layout_path, fragments_path, params_path, info_path, map_paths, output_folder, latest_path, workers=1):
+def verify(index: IndexFiles, map_paths: list[str], output_folder: str, latest_path: str,
+           workers: int = 1) -> tuple[list[dict], list[dict], int]:
     """(report rows, partition rows, number of parameters): the universal checkpoint checked against its source."""
-    from ..extract import read_extraction
-
-    layout = load_layout(layout_path)
-    params = read_table(params_path)
-    fragments = list(read_fragments(fragments_path))
+    record = read_index_record(index.layout)
+    params = read_parameters(index.params)
+    fragments = list(read_fragments(index.fragments))
     sources = {Path(path).name[: -len(".tsv")]: path for path in map_paths}
-    source_maps = {layout["sources"][name]["path"]: path for name, path in sources.items()}
+    source_maps = {record.source_path(name): path for name, path in sources.items()}
     maps = {source: read_extraction(path) for source, path in source_maps.items()}
-    partitions = check_partitions(layout, fragments, params, maps)
+    partitions = check_partitions(record, fragments, params, maps)
 
     by_bucket = {}
     for row in params:
-        by_bucket.setdefault(row["bucket"], []).append(row)
-    bucket_of = {row["param"]: row["bucket"] for row in params}
+        by_bucket.setdefault(row.bucket, []).append(row)
+    bucket_of = {row.param: row.bucket for row in params}
     fragments_by_bucket = {}
     for fragment in fragments:
         if fragment.param in bucket_of:
             fragments_by_bucket.setdefault(bucket_of[fragment.param], []).append(fragment)
     tasks = [
-        (source_maps, output_folder, info_path, layout["tp_degree"], rows, fragments_by_bucket.get(bucket, []))
+        (source_maps, output_folder, index.info, record.layout.tp_degree, rows, fragments_by_bucket.get(bucket, []))
         for bucket, rows in sorted(by_bucket.items())
     ]
     if workers > 1 and len(tasks) > 1:
@@ -81,18 +84,14 @@ def verify(layout_path, fragments_path, params_path, info_path, map_paths, outpu
     else:
         results = [_verify_bucket(task) for task in tasks]
     report = [row for rows in results for row in rows]
-    report += verify_files(layout, output_folder, latest_path, set(bucket_of))
+    report += verify_files(record, output_folder, latest_path, set(bucket_of))
     return report, partitions, len(params)
 
 
-def verify_job(inputs, output_folder, latest_path, outputs, log_path, workers):
+def verify_job(index: IndexFiles, map_paths: list[str], output_folder: str, latest_path: str, outputs: dict,
+               log_path: str, workers: int) -> str:
     """Rule `verify`: write the report and summary; fail with one sentence when anything is off."""
-    from ..fileio import write_text
-
-    report, partitions, parameter_count = verify(
-        inputs["layout"], inputs["fragments"], inputs["params"], inputs["info"], inputs["maps"],
-        output_folder, latest_path, workers=workers,
-    )  # fmt: skip
+    report, partitions, parameter_count = verify(index, map_paths, output_folder, latest_path, workers=workers)
     line = summary(report, partitions, parameter_count)
     print(line)
     error = failure(report, partitions, log_path)

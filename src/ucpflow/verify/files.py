@@ -5,12 +5,11 @@ import hashlib
 import os
 from pathlib import Path
 
-from .. import dsconst as C
 from .. import ptfile
-from ..autoep import universal_model_state_digest
 from ..errors import CheckpointError
-from ..jobs import OPTIMIZER_STATE_FILE, STAGING, ZERO
-from ..markers import LATEST_UNIVERSAL
+from ..source.autoep import universal_model_state_digest
+from ..stages.finalize import universal_optimizer_state
+from ..tables import LATEST_UNIVERSAL, OPTIMIZER_STATE_FILE, STAGING, ZERO, IndexRecord
 from .digest import short_text, structure_text
 from .report import MISSING, UNEXPECTED, UNREADABLE, WRONG_METADATA, row, status_of
 
@@ -23,28 +22,10 @@ def _file_digest(path):
     return f"{os.path.getsize(path)}:{digest.hexdigest()}"
 
 
-def expected_optimizer_state(layout):
-    """The dict DeepSpeed's converter saves as zero/optimizer_state.pt, from the first rank file:
-    ZeRO-3 keeps its whole optimizer state; ZeRO-1/2 drop the sharded entries, as
-    ZeROCheckpoint.get_state_for_rank clears the group paddings and sets the partition counts."""
-    optim = ptfile.load(layout["optimizer_state_source"])[C.OPTIMIZER_STATE_DICT]
-    if layout["zero_stage"] > 2:
-        optim[C.PARAM_GROUPS] = optim[C.OPTIMIZER_STATE_DICT][C.PARAM_GROUPS]
-        return optim
-    if optim.get(C.PARTITION_COUNT):
-        optim[C.PARTITION_COUNT] = [layout["dp_degree"]] * len(optim[C.PARTITION_COUNT])
-    if optim.get(C.GROUP_PADDINGS):
-        optim[C.GROUP_PADDINGS] = [0] * len(optim[C.GROUP_PADDINGS])
-    sharded = {C.BASE_OPTIMIZER_STATE, C.PARAM_SLICE_MAPPINGS, C.SINGLE_PARTITION_OF_FP32_GROUPS}
-    state = {k: v for k, v in optim.items() if k not in sharded}
-    state[C.PARAM_GROUPS] = optim[C.BASE_OPTIMIZER_STATE][C.PARAM_GROUPS]
-    return state
-
-
-def verify_optimizer_state(layout, path):
+def verify_optimizer_state(record: IndexRecord, path: Path) -> list[dict]:
     """One row per entry of optimizer_state.pt (values compared as canonical text, tensors by checksum)."""
     name = OPTIMIZER_STATE_FILE
-    expected = {key: structure_text(value) for key, value in expected_optimizer_state(layout).items()}
+    expected = {key: structure_text(value) for key, value in universal_optimizer_state(record).items()}
     if not path.is_file():
         return [row(name, "file", "a dict", MISSING, MISSING)]
     try:
@@ -65,18 +46,18 @@ def verify_optimizer_state(layout, path):
     return rows
 
 
-def verify_files(layout, output_folder, latest_path, param_names):
+def verify_files(record: IndexRecord, output_folder: str, latest_path: str, param_names: set[str]) -> list[dict]:
     """The universal checkpoint's other files: copied model states, optimizer_state.pt, latest_universal,
     and nothing else beside them."""
     output_folder = Path(output_folder)
     rows = []
-    copies = {Path(path).name: path for path in layout["copy_files"]}
+    copies = {Path(path).name: path for path in record.layout.copy_files}
     for name, source in copies.items():
         target = output_folder / name
         actual = _file_digest(target) if target.is_file() else MISSING
         expected = universal_model_state_digest(source, _file_digest)  # AutoEP rewrites it
         rows.append(row(name, "copy", expected, actual, status_of(expected, actual)))
-    rows += verify_optimizer_state(layout, output_folder / ZERO / OPTIMIZER_STATE_FILE)
+    rows += verify_optimizer_state(record, output_folder / ZERO / OPTIMIZER_STATE_FILE)
     tag = output_folder.name
     actual = Path(latest_path).read_text() if Path(latest_path).is_file() else MISSING
     rows.append(row(LATEST_UNIVERSAL, "tag", tag, actual, status_of(tag, actual)))

@@ -8,13 +8,22 @@ import numpy as np
 from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
-from ..index import FORMAT_EXPERT, FORMAT_MODULE, OPTIMIZER_STATES, STEP
-from ..jobs import ZERO
-from ..patterns import AFFINE, AVERAGE, REPLICATED, classify
+from ..source.patterns import AFFINE, AVERAGE, REPLICATED, classify
+from ..tables import FORMAT_EXPERT, FORMAT_MODULE, OPTIMIZER_STATES, STEP, ZERO
 from .digest import CHUNK, Checksum, position_sum, run_sum, structure_text, tensor_checksum
 from .placement import DROPPED, expert_geometry, geometry
-from .report import (MISMATCH, MISSING, NOT_CHECKED, OK, TP_RANKS_DIFFER, UNEXPECTED, UNREADABLE, WRONG_METADATA,
-                     WRONG_SHAPE, row)  # fmt: skip
+from .report import (
+    MISMATCH,
+    MISSING,
+    NOT_CHECKED,
+    OK,
+    TP_RANKS_DIFFER,
+    UNEXPECTED,
+    UNREADABLE,
+    WRONG_METADATA,
+    WRONG_SHAPE,  # fmt: skip
+    row,
+)
 
 
 class Universal:
@@ -171,16 +180,16 @@ def _module_checksum(reader, source, tensor):
 
 def verify_parameter(reader, universal, param_row, fragments, info, tp_degree):
     """Report rows for every state file of one parameter, and for files its folder should not hold."""
-    param = param_row["param"]
-    expected_files = {f"{state}.pt" for state in param_row["states"].split(",") if state}
+    param = param_row.param
+    expected_files = set(param_row.files)
     folder = os.path.join(universal.folder, ZERO, param)
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     rows = [row(param, name, "", "present", UNEXPECTED) for name in present if name not in expected_files]
-    rule = classify(info, param) if param_row["merge"] else None
+    rule = classify(info, param) if param_row.merge else None
 
-    if param_row["format"] == FORMAT_MODULE:
+    if param_row.format == FORMAT_MODULE:
         shape_geometry = geometry(param_row, rule, info, tp_degree, "fp32")
-        checksum = _module_checksum(reader, param_row["source"], param_row["tensor"])
+        checksum = _module_checksum(reader, param_row.source, param_row.tensor)
         expected = (shape_geometry.keys, "float32", shape_geometry.shape, checksum)
         rows.append(compare(param, "fp32", expected, universal.load(param, "fp32")))
         return rows
@@ -199,7 +208,7 @@ def verify_parameter(reader, universal, param_row, fragments, info, tp_degree):
         if state not in by_state:
             continue
         slices = SourceSlices(reader, by_state[state])
-        if param_row["format"] == FORMAT_EXPERT:
+        if param_row.format == FORMAT_EXPERT:
             shape_geometry = expert_geometry(param_row, by_state[state])
         else:
             shape_geometry = geometry(param_row, rule, info, tp_degree, state)

@@ -7,9 +7,8 @@ import math
 
 from .. import dsconst as C
 from .. import ptfile
-from ..index import OPTIMIZER_STATES, STEP
-from ..layout import ZERO_PARTITION_GROUPS
-from .placement import row_shapes
+from ..source.layout import ZERO_PARTITION_GROUPS
+from ..tables import OPTIMIZER_STATES, STEP, Fragment, IndexRecord, Located, Parameter
 
 
 def _intervals_problem(intervals, numel):
@@ -29,17 +28,18 @@ def _intervals_problem(intervals, numel):
     return gaps, overlaps
 
 
-def check_partitions(layout, fragments, params, maps):
+def check_partitions(record: IndexRecord, fragments: list[Fragment], params: list[Parameter],
+                     maps: dict[str, dict[str, Located]]) -> list[dict]:
     """One row per rank file and flat optimizer tensor: how the index's fragments cover it."""
     rows = []
-    full_numel = {row["param"]: [math.prod(s) if s is not None else 0 for s in row_shapes(row)] for row in params}
+    full_numel = {row.param: [math.prod(s) if s is not None else 0 for s in row.shapes] for row in params}
     by_tensor, stages = {}, {}
     for fragment in fragments:
         if fragment.state != STEP:
             by_tensor.setdefault((fragment.file, fragment.tensor), []).append(fragment)
             stages.setdefault((fragment.param, fragment.state, fragment.tp, fragment.dp), set()).add(fragment.pp)
-    for rank in layout["rank_files"]:
-        path = rank["path"]
+    for rank in record.layout.rank_files:
+        path = rank.path
         optim = ptfile.load(path).get(C.OPTIMIZER_STATE_DICT) or {}
         for tensor, (_, _, numel, _) in sorted(maps[path].items()):
             state = tensor.split("/")[0]
@@ -50,12 +50,12 @@ def check_partitions(layout, fragments, params, maps):
             intervals = [(f.offset, f.offset + f.numel, f.param) for f in listed]
             copies = {
                 name: address
-                for name, address in _left_out_slices(optim, group, {f.param for f in listed}, layout).items()
-                if stages.get((name, state, rank["tp"], rank["dp"]), set()) - {rank["pp"]}
+                for name, address in _left_out_slices(optim, group, {f.param for f in listed}, record).items()
+                if stages.get((name, state, rank.tp, rank.dp), set()) - {rank.pp}
             }
             intervals += [(start, start + count, name) for name, (start, count) in copies.items()]
             gaps, overlaps = _intervals_problem(intervals, numel)
-            explained = _padding(layout, optim, group, listed, full_numel, numel)
+            explained = _padding(record, optim, group, listed, full_numel, numel)
             unexplained = [gap for gap in gaps if not any(s <= gap[0] and gap[1] <= e for s, e in explained)]
             problems = overlaps + [f"elements [{a}, {b}) belong to no parameter" for a, b in unexplained]
             rows.append({
@@ -67,11 +67,11 @@ def check_partitions(layout, fragments, params, maps):
     return rows
 
 
-def _left_out_slices(optim, group, indexed, layout):
+def _left_out_slices(optim, group, indexed, record):
     """{name: (start, numel)} of ZeRO-1/2 slices in this file that the index leaves out. Copies of a
     parameter that several pipeline stages hold are left out on purpose: the conversion takes one stage's."""
     mappings = optim.get(C.PARAM_SLICE_MAPPINGS)
-    if layout["zero_stage"] > 2 or not mappings or group >= len(mappings):
+    if record.layout.zero_stage > 2 or not mappings or group >= len(mappings):
         return {}
     return {
         name: (int(address.start), int(address.numel))
@@ -80,13 +80,13 @@ def _left_out_slices(optim, group, indexed, layout):
     }
 
 
-def _padding(layout, optim, group, listed, full_numel, numel):
+def _padding(record, optim, group, listed, full_numel, numel):
     """Intervals of a flat tensor that DeepSpeed fills with padding."""
-    if layout["zero_stage"] > 2:
+    if record.layout.zero_stage > 2:
         # Each parameter's ZeRO-3 partition is ceil(numel / dp) elements; the last ranks' are padded.
         partition_groups = optim.get(ZERO_PARTITION_GROUPS) or []
         meta = partition_groups[group] if group < len(partition_groups) else {}
-        count = int(meta.get("partition_count", layout["dp_degree"]))
+        count = int(meta.get("partition_count", record.layout.dp_degree))
         padded = [(f.offset + f.numel, f.offset + math.ceil(full_numel[f.param][f.tp] / count)) for f in listed]
         end = max((b for _, b in padded), default=0)
         return padded + [(end, numel)]

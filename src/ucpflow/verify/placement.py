@@ -11,7 +11,6 @@ keep tp rank 0's layout; vocabulary parameters keep the first `original_vocab_si
 (AutoTP) place each piece by its recorded offsets and strides.
 """
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -20,17 +19,12 @@ import numpy as np
 from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
-from ..index import FORMAT_FLAT, FORMAT_MODULE
-from ..merge import SUBPARAM_SHAPE_CLASS
-from ..patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS
+from ..source.patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS
+from ..stages.merge import SUBPARAM_SHAPE_CLASS
+from ..tables import FORMAT_FLAT, FORMAT_MODULE
 from .digest import structure_text
 
 DROPPED = -1  # target of elements the merge leaves out (a later rank's copy of a replicated piece)
-
-
-def row_shapes(row):
-    """Per tensor-parallel rank, the parameter's shape there (None where that rank has none)."""
-    return [tuple(s) if s is not None else None for s in json.loads(row["shapes"])]
 
 
 class Runs:
@@ -222,11 +216,11 @@ def _affine(rule, info, state, name):
 
 def geometry(row, rule, info, tp_degree, state):
     """The Geometry of one state file (fp32, exp_avg, exp_avg_sq) of the parameter of params.tsv row `row`."""
-    name, shapes = row["param"], row_shapes(row)
-    if row["format"] == FORMAT_MODULE:
+    name, shapes = row.param, row.shapes
+    if row.format == FORMAT_MODULE:
         return Geometry("", shapes[0], ("param",), {0: Runs.identity()})
-    if row["format"] == FORMAT_FLAT:
-        return Geometry("", (int(row["numel"]),), None, {0: Runs.identity()})
+    if row.format == FORMAT_FLAT:
+        return Geometry("", (row.numel,), None, {0: Runs.identity()})
     keys = []
     if rule.kind == AFFINE:
         runs, shape = _affine(rule, info, state, name)
@@ -256,7 +250,7 @@ def geometry(row, rule, info, tp_degree, state):
 def expert_geometry(row, fragments):
     """AutoEP fused experts: one [num_experts, ...] tensor per state, EP rank e's experts (plan `experts`[e])
     taken from the fragments of its dp ranks (plan `dp_ranks`[e]) in turn, each expert a block of elements."""
-    plan = json.loads(row["experts"])
+    plan = row.experts
     block = math.prod(plan["shape"])
     merge_start = {}  # fragment index -> (EP rank, element offset in that rank's stream), in the merge's order
     for ep_rank, dp_ranks in enumerate(plan["dp_ranks"]):
@@ -274,7 +268,7 @@ def expert_geometry(row, fragments):
             expert, within = divmod(position, block)
             length = min(block - within, remaining)
             if ep_rank is None or expert >= len(plan["experts"][ep_rank]):
-                raise CheckpointError(f"The AutoEP fragments of {row['param']} hold more elements than its experts.")
+                raise CheckpointError(f"The AutoEP fragments of {row.param} hold more elements than its experts.")
             starts.append(start)
             targets.append(plan["experts"][ep_rank][expert] * block + within)
             start, position, remaining = start + length, position + length, remaining - length

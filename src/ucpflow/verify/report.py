@@ -3,6 +3,8 @@ summary.txt, and the one-sentence error of a failed verification."""
 
 from pathlib import Path
 
+from ..fileio import atomic_writer
+
 OK = "ok"
 MISMATCH = "mismatch"  # same keys, dtype and shape, elements differ or sit at other positions
 WRONG_SHAPE = "wrong_shape"  # dtype or shape differs from what the index implies
@@ -60,8 +62,6 @@ def failure(report, partitions, log_path, shown=3):
 
 
 def write_tsv(path, columns, rows):
-    from ..fileio import atomic_writer
-
     with atomic_writer(path) as handle:
         handle.write("\t".join(columns) + "\n")
         for entry in rows:

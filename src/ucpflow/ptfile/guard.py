@@ -1,4 +1,4 @@
-"""Checkpoints from elsewhere: what ptfile does before and after unpickling a data.pkl it did not write.
+"""The guard: what ptfile does before and after unpickling a data.pkl it did not write.
 
 * `memory_cap` bounds what unpickling may allocate, so that a pickle whose memo indices or byte
   counts claim far more than it holds fails instead of exhausting the machine;
@@ -14,6 +14,8 @@ import resource
 import threading
 
 from . import allowlist
+from .dtypes import DType
+from .standins import ArrayTensor, Device, Size, StorageRef, TensorRef
 
 MAX_DEPTH = 200  # DeepSpeed's deepest structure (optimizer_state_dict.base_optimizer_state.state.0.exp_avg) is 5
 SHOWN = 4  # findings named in one sentence
@@ -83,12 +85,8 @@ def _children(obj):
 
 
 _SCALARS = (str, bytes, int, float, bool, complex, type(None))
-_LEAVES = set(_SCALARS)
-
-
-def register_leaves(*types):
-    """Types `check_structure` need not look into (ptfile's tensor and dtype stand-ins)."""
-    _LEAVES.update(types)
+# Types `check_structure` need not look into: scalars and ptfile's tensor and dtype stand-ins.
+_LEAVES = {*_SCALARS, TensorRef, StorageRef, DType, Size, Device, ArrayTensor}
 
 
 def _too_deep(path):
@@ -154,7 +152,7 @@ class Finding(tuple):
 
 ADVICE = (
     "torch.load would import and run it, so ucpflow reads nothing from such a file (allow a global by name in "
-    f"config `allow_globals` only if you trust the file)"
+    "config `allow_globals` only if you trust the file)"
 )
 
 
@@ -227,35 +225,3 @@ def bounded_repr(value, limit=120):
 
 _PAIR = object()
 _CONTAINER_REPRS = (list.__repr__, tuple.__repr__, set.__repr__, frozenset.__repr__)
-
-
-def scan_folder(input_folder):
-    """The globals outside the allowlist in every .pt file of the checkpoint folder, as Findings (a file
-    that cannot be read at all is left to the conversion's own checks, which name the problem)."""
-    import os
-
-    from . import ptfile
-    from .errors import CheckpointError
-    from .layout import resolve_tag_folder
-
-    folder = resolve_tag_folder(input_folder)
-    findings = []
-    for root, _, names in sorted(os.walk(folder)):
-        for name in sorted(names):
-            if name.endswith(".pt"):
-                try:
-                    ptfile.load(os.path.join(root, name), findings)
-                except CheckpointError:
-                    continue
-    return findings
-
-
-def refuse_untrusted_folder(input_folder):
-    """Print every finding (file, key path, global) and refuse the folder in one sentence if there are any."""
-    from .ptfile import UntrustedGlobalError
-
-    findings = scan_folder(input_folder)
-    for finding in findings:
-        print(f"untrusted global\t{finding.file}\t{finding.key}\t{finding.name}")
-    if findings:
-        raise UntrustedGlobalError(findings)

@@ -12,6 +12,7 @@ tests/test_untrusted.py) and from DeepSpeed's source (the classes and enums `sav
 """
 
 import argparse
+import builtins
 import codecs
 import collections
 import copyreg
@@ -168,8 +169,6 @@ def _np_scalar(dtype, data=None):
 
 def real_callables():
     """{(module, name): callable} of the allowed globals that ptfile imports (all others are stand-ins)."""
-    import builtins
-
     # Real types: they appear as values (a defaultdict's factory), and build at most what the pickle holds.
     table = {("builtins", name): getattr(builtins, name) for name in "set frozenset list tuple dict".split()}
     for name in ("slice", "complex"):

@@ -4,12 +4,11 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..fileio import atomic_directory
+from .launch import build_checkpoint
 
 
-def demo_checkpoint_job(spec, latest_output):
+def demo_checkpoint_job(spec: dict, latest_output: str) -> None:
     """Train the demo GPT with DeepSpeed and save it; the folder appears complete or not at all."""
-    from ..demo.launch import build_checkpoint
-
     options = dict(spec)
     folder, num_procs = options.pop("folder"), options.pop("num_procs")
     with atomic_directory(folder) as staging:

@@ -1,4 +1,5 @@
-"""Merging one parameter's fragments into its universal-checkpoint files, as DeepSpeed's converter does.
+"""The merge stage: one parameter's fragments into its universal-checkpoint files, as DeepSpeed's converter
+does, and the merge job, which writes a bucket of parameters into its staging folder.
 
 Fragments are read straight from the rank files (`FragmentReader`), concatenated over data-parallel
 ranks, reshaped to each tensor-parallel rank's shape and merged over tensor-parallel ranks by the
@@ -6,113 +7,39 @@ parameter's rule (`patterns.classify`). Every step reproduces `ds_to_universal.m
 `merge_zero3_slices` and its model-weight fallback, so the files written load equal to DeepSpeed's.
 """
 
-import json
 import math
-import mmap
 import os
 
 import numpy as np
 
-from . import dsconst as C
-from . import ptfile
-from .errors import CheckpointError
-from .index import FORMAT_EXPERT, FORMAT_FLAT, FORMAT_MODULE, OPTIMIZER_STATES, STEP
-from .patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS
-from .ptfile import ArrayTensor
+from .. import dsconst as C
+from .. import ptfile
+from ..errors import CheckpointError
+from ..fileio import atomic_directory, remove_partial_folders
+from ..markers import retract_latest_universal
+from ..ptfile import ArrayTensor
+from ..source.patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, MergeRule, classify
+from ..tables import (
+    FORMAT_EXPERT,
+    FORMAT_FLAT,
+    FORMAT_MODULE,
+    FP32,
+    OPTIMIZER_STATES,
+    STEP,
+    Fragment,
+    IndexFiles,
+    IndexRecord,
+    Parameter,
+    read_extraction,
+    read_fragments,
+    read_index_record,
+    read_parameters,
+    read_universal_info,
+)
+from .extract import FragmentReader
+from .merge_experts import merge_expert_parameter
 
-FP32 = "fp32"  # the state holding the weights themselves
 SUBPARAM_SHAPE_CLASS = ("deepspeed.checkpoint.universal_checkpoint", "SubparamShape")
-
-
-class FragmentReader:
-    """Reads element ranges of flat tensors located by the extraction maps.
-
-    A fragment that is used whole is a read-only view of the memory-mapped rank file: its bytes go
-    from the page cache to the output file with one copy, instead of being read into a new array
-    and written from it. `release()` unmaps the pages touched so far, so that the resident memory
-    of a merge stays at about one tensor.
-    """
-
-    def __init__(self, maps):
-        self.maps = maps
-        self._handles = {}
-        self._mappings = {}
-        self._touched = []
-
-    def _fd(self, path):
-        if path not in self._handles:
-            self._handles[path] = os.open(path, os.O_RDONLY)
-        return self._handles[path]
-
-    def locate(self, path, key):
-        try:
-            return self.maps[path][key]
-        except KeyError:
-            raise CheckpointError(f"{path} has no tensor {key} although the index lists fragments in it.")
-
-    def read_into(self, target, path, key, offset):
-        dtype, base, numel, _ = self.locate(path, key)
-        if offset + target.size > numel:
-            raise CheckpointError(f"{path}: a fragment of {key} runs past the end of the tensor.")
-        view = memoryview(target.reshape(-1).view(np.uint8))
-        position = base + offset * target.itemsize
-        while len(view):
-            count = os.preadv(self._fd(path), [view], position)
-            if count == 0:
-                raise CheckpointError(f"{path} ends before the data of {key}: the file is truncated.")
-            view, position = view[count:], position + count
-
-    def _mapping(self, path):
-        if path not in self._mappings:
-            try:
-                self._mappings[path] = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):  # a file system without mmap: read instead
-                self._mappings[path] = None
-        return self._mappings[path]
-
-    def view(self, path, key, offset, numel):
-        """(read-only array, dtype) of elements [offset, offset + numel) of a tensor, without copying."""
-        dtype, base, total, _ = self.locate(path, key)
-        if offset + numel > total:
-            raise CheckpointError(f"{path}: a fragment of {key} runs past the end of the tensor.")
-        mapping = self._mapping(path)
-        if mapping is None:
-            return self.read(path, key, offset, numel)
-        array_dtype = ptfile.numpy_dtype(dtype)
-        start = base + offset * array_dtype.itemsize
-        if start + numel * array_dtype.itemsize > len(mapping):
-            raise CheckpointError(f"{path} ends before the data of {key}: the file is truncated.")
-        self._touched.append((mapping, start, numel * array_dtype.itemsize))
-        return np.frombuffer(mapping, dtype=array_dtype, count=numel, offset=start), dtype
-
-    def release(self):
-        """Drop the mapped pages read so far from this process; they stay in the page cache."""
-        for mapping, start, nbytes in self._touched:
-            aligned = start - start % mmap.PAGESIZE
-            mapping.madvise(mmap.MADV_DONTNEED, aligned, nbytes + start - aligned)
-        self._touched.clear()
-
-    def read(self, path, key, offset, numel):
-        dtype = self.locate(path, key)[0]
-        out = np.empty(numel, dtype=ptfile.numpy_dtype(dtype))
-        self.read_into(out, path, key, offset)
-        return out, dtype
-
-    def value(self, path, key):
-        """A scalar state such as Adam's step: a 0-d ArrayTensor, or the plain Python value DeepSpeed stored."""
-        dtype, _, _, plain = self.locate(path, key)
-        if dtype is None:
-            return plain
-        data, dtype = self.read(path, key, 0, 1)
-        return ArrayTensor(data.reshape(()), dtype)
-
-    def close(self):
-        # A mapping closes itself once no array views it any more.
-        self.release()
-        self._mappings.clear()
-        for fd in self._handles.values():
-            os.close(fd)
-        self._handles.clear()
 
 
 class Slice:
@@ -120,12 +47,6 @@ class Slice:
 
     def __init__(self, array, dtype):
         self.array, self.dtype = array, dtype
-
-
-def _same_value(a, b):
-    if isinstance(a, ArrayTensor) and isinstance(b, ArrayTensor):
-        return a.dtype == b.dtype and np.array_equal(a.array, b.array)
-    return a == b
 
 
 def _cat_over_dp(reader, frags, name, state, shape):
@@ -311,7 +232,8 @@ def _float32(array, dtype):
     return array.astype(np.float32)
 
 
-def merge_parameter(reader, row, frags, rule, info, tp_degree, folder):
+def merge_parameter(reader: FragmentReader, row: Parameter, frags: list[Fragment], rule: MergeRule | None, info: dict,
+                    tp_degree: int, folder: str) -> list[str]:
     """Write every state file of one parameter into `folder` (created); returns the file names written."""
     os.makedirs(folder, exist_ok=True)
     written = []
@@ -326,32 +248,32 @@ def merge_parameter(reader, row, frags, rule, info, tp_degree, folder):
     return written
 
 
-def merged_weight(reader, row, frags, rule, info, tp_degree):
+def merged_weight(reader: FragmentReader, row: Parameter, frags: list[Fragment], rule: MergeRule | None, info: dict,
+                  tp_degree: int) -> tuple[np.ndarray, str]:
     """One parameter's fp32 weight as its universal fp32.pt holds it: (array, torch dtype name), merged over
     data- and tensor-parallel ranks; the array may view the mapped rank file until `reader.release()`."""
     found = {}
     merge_states(reader, row, frags, rule, info, tp_degree, found.__setitem__, states=(FP32,))
     if FP32 not in found:
-        raise CheckpointError(f"Parameter {row['param']} has no fp32 fragments in any rank file.")
+        raise CheckpointError(f"Parameter {row.param} has no fp32 fragments in any rank file.")
     tensor = found[FP32][C.PARAM] if isinstance(found[FP32], dict) else found[FP32]
     return tensor.array, tensor.dtype
 
 
-def merge_states(reader, row, frags, rule, info, tp_degree, save, states=(STEP, *OPTIMIZER_STATES)):
+def merge_states(reader: FragmentReader, row: Parameter, frags: list[Fragment], rule: MergeRule | None, info: dict,
+                 tp_degree: int, save, states=(STEP, *OPTIMIZER_STATES)) -> None:
     """save(state, object) for each of `states` that the universal checkpoint holds for this parameter, in
     the order merge_parameter writes them (as DeepSpeed saves each state file)."""
-    shapes = [tuple(s) if s is not None else None for s in json.loads(row["shapes"])]
+    shapes = row.shapes
 
-    if row["format"] == FORMAT_MODULE:
+    if row.format == FORMAT_MODULE:
         if FP32 in states:
-            dtype, _, numel, _ = reader.locate(row["source"], row["tensor"])
-            data, dtype = reader.view(row["source"], row["tensor"], 0, numel)
+            dtype, _, numel, _ = reader.locate(row.source, row.tensor)
+            data, dtype = reader.view(row.source, row.tensor, 0, numel)
             save(FP32, {C.PARAM: ArrayTensor(_float32(data, dtype).reshape(shapes[0]), "float32")})
         return
 
-    if row["format"] == FORMAT_EXPERT:
-        from .autoep import merge_expert_parameter
-
+    if row.format == FORMAT_EXPERT:
         merge_expert_parameter(reader, row, frags, save, states)
         return
 
@@ -359,24 +281,88 @@ def merge_states(reader, row, frags, rule, info, tp_degree, save, states=(STEP, 
     for frag in frags:
         by_state_tp.setdefault(frag.state, {}).setdefault(frag.tp, []).append(frag)
 
-    if row["format"] == FORMAT_FLAT:
+    if row.format == FORMAT_FLAT:
         for state in (s for s in OPTIMIZER_STATES if s in states):
-            piece = tp_slices(reader, by_state_tp.get(state, {}), row["param"], state, shapes, 1, reshape=False)
+            piece = tp_slices(reader, by_state_tp.get(state, {}), row.param, state, shapes, 1, reshape=False)
             if not piece:
-                raise CheckpointError(f"Parameter {row['param']} has no {state} fragments in any rank file.")
+                raise CheckpointError(f"Parameter {row.param} has no {state} fragments in any rank file.")
             save(state, ArrayTensor(piece[0].array, piece[0].dtype))
         return
 
     steps = []
     for tp in sorted(by_state_tp.get(STEP, {})) if STEP in states else ():
         values = [reader.value(f.file, f.tensor) for f in sorted(by_state_tp[STEP][tp], key=lambda f: f.dp)]
-        if not all(_same_value(v, values[0]) for v in values):
-            raise CheckpointError(f"The data-parallel ranks disagree on the optimizer step of {row['param']} (tp rank {tp}).")
+        if not all(ptfile.same_value(v, values[0]) for v in values):
+            raise CheckpointError(f"The data-parallel ranks disagree on the optimizer step of {row.param} (tp rank {tp}).")
         steps.append(values[0])
     if steps:
         save(STEP, steps[0])
     for state in (s for s in OPTIMIZER_STATES if s in states):
-        slices = tp_slices(reader, by_state_tp.get(state, {}), row["param"], state, shapes, tp_degree)
-        entries = merge_state(row["param"], rule, state, slices, info, tp_degree)
+        slices = tp_slices(reader, by_state_tp.get(state, {}), row.param, state, shapes, tp_degree)
+        entries = merge_state(row.param, rule, state, slices, info, tp_degree)
         if entries is not None:
             save(state, entries)
+
+
+class BucketMerger:
+    """What the merges of one bucket (or of the parameters `names`) read: their index rows, fragments and the
+    extraction maps."""
+
+    def __init__(self, bucket: str, index: IndexFiles, map_paths: list[str], names: set[str] | None = None):
+        self.record: IndexRecord = read_index_record(index.layout)
+        self.info = read_universal_info(index.info)
+        chosen = (lambda row: row.bucket == bucket) if names is None else (lambda row: row.param in names)
+        self.rows = [row for row in read_parameters(index.params) if chosen(row)]
+        wanted = {row.param for row in self.rows}
+        self.fragments: dict[str, list[Fragment]] = {}
+        for fragment in read_fragments(index.fragments):
+            if fragment.param in wanted:
+                self.fragments.setdefault(fragment.param, []).append(fragment)
+        self.reader = FragmentReader({self.record.source_path(source_name_of(p)): read_extraction(p) for p in map_paths})
+
+    def _rule(self, row: Parameter) -> MergeRule | None:
+        return classify(self.info, row.param) if row.merge else None
+
+    def merge(self, row: Parameter, folder: str) -> None:
+        merge_parameter(self.reader, row, self.fragments.get(row.param, []), self._rule(row), self.info,
+                        self.record.layout.tp_degree, folder)
+
+    def _row(self, name: str) -> Parameter:
+        for row in self.rows:
+            if row.param == name:
+                return row
+        raise CheckpointError(f"{name} is not a parameter of its merge job's index rows.")
+
+    def merge_one(self, name: str, folder: str) -> None:
+        self.merge(self._row(name), folder)
+
+    def weight(self, name: str) -> tuple[np.ndarray, str]:
+        """(array, dtype) of one parameter's fp32 weight as its universal fp32.pt holds it, without writing it;
+        the array may view a rank file until `release()`."""
+        row = self._row(name)
+        return merged_weight(self.reader, row, self.fragments.get(name, []), self._rule(row), self.info,
+                             self.record.layout.tp_degree)
+
+    def release(self) -> None:
+        self.reader.release()
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def merge_job(bucket: str, index: IndexFiles, map_paths: list[str], staging: str, output_folder: str) -> list[Parameter]:
+    """Merge one bucket's parameters into the folder `staging`/<param>/, which appears only once all are merged."""
+    retract_latest_universal(output_folder)
+    remove_partial_folders(staging)
+    merger = BucketMerger(bucket, index, map_paths)
+    try:
+        with atomic_directory(staging) as folder:
+            for row in merger.rows:
+                merger.merge(row, os.path.join(folder, row.param))
+    finally:
+        merger.close()
+    return merger.rows
+
+
+def source_name_of(map_path: str) -> str:
+    return os.path.basename(map_path)[: -len(".tsv")]

@@ -5,7 +5,7 @@ or the folder (or config.json) that config key `hf_config` names."""
 import json
 from pathlib import Path
 
-from .errors import UcpflowError
+from ..errors import UcpflowError
 
 CONFIG_FILE = "config.json"
 SEARCH_LEVELS = 3  # the tag folder, its parent (HF Trainer's checkpoint-N) and the run's output folder

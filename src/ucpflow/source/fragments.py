@@ -1,53 +1,35 @@
-"""The fragment index: every piece of every parameter's optimizer state, located without reading tensor data.
+"""Where every piece of every parameter's optimizer state lies, found without reading tensor data.
 
 A *fragment* is the part of one parameter's state (fp32 master weight, exp_avg, exp_avg_sq, step)
 that one (pp, tp, dp) rank holds inside a flat optimizer tensor. `build_index` reads only the pickled
-structures of the checkpoint files and returns three tables:
-
-- fragments: param, state, tp, pp, dp, file, tensor (which flat tensor of the file), offset, numel, and
-  shape (the parameter's shape on that tensor-parallel rank)
-- params: one row per output parameter folder, with its merge rule, output format and size
-- files: every source file a merge reads, so extraction can map its tensors
+structures of the checkpoint files and returns the layout, the universal_checkpoint_info, the fragments
+and one `Parameter` per output parameter folder (tables.py).
 """
 
-import json
 import math
 import re
 import sys
-from dataclasses import asdict, fields
 
-import pandas as pd
-
-from . import dsconst as C
+from .. import dsconst as C
+from ..errors import CheckpointError
+from ..ptfile import TensorRef
+from ..tables import (
+    FORMAT_EXPERT,
+    FORMAT_FLAT,
+    FORMAT_MERGED,
+    FORMAT_MODULE,
+    FP32,
+    OPTIMIZER_STATES,
+    STEP,
+    Fragment,
+    Layout,
+    Parameter,
+    numel_of,
+)
 from .autoep import expert_params, zero3_expert_params
-from .errors import CheckpointError
 from .hfconfig import find_model_config
-from .layout import ZERO_PARTITION_GROUPS, Layout, RankFile, discover, load_structure
+from .layout import ZERO_PARTITION_GROUPS, discover, load_structure
 from .patterns import COLUMN_PARALLEL, classify, unused_patterns
-from .ptfile import TensorRef
-
-OPTIMIZER_STATES = ("fp32", "exp_avg", "exp_avg_sq")
-STEP = "step"
-
-# Output formats of a parameter folder, as DeepSpeed's converter writes them.
-FORMAT_MERGED = "merged"  # {param, cat_dim, ...} dicts per state, plus step.pt (ZeRO-1/2, ZeRO-3 with TP)
-FORMAT_FLAT = "flat"  # bare flat tensors (ZeRO-3 without TP)
-FORMAT_MODULE = "module"  # only fp32.pt from the model weights (no optimizer state, e.g. frozen)
-FORMAT_EXPERT = "expert"  # AutoEP fused experts: every EP rank's experts in one tensor, plus step.pt
-
-
-def shape_text(shape):
-    return "" if shape is None else ",".join(str(int(d)) for d in shape)
-
-
-def parse_shape(text):
-    if isinstance(text, float) or text is None or text == "":
-        return ()
-    return tuple(int(d) for d in str(text).split(","))
-
-
-def _numel(shape):
-    return math.prod(int(d) for d in shape)
 
 
 def _tensor(path, value, what):
@@ -160,7 +142,7 @@ def _stage3_fragments(layout, shapes_by_tp):
             }
             offset = 0
             for name, shape in sub_group.items():
-                full = _numel(shape)
+                full = numel_of(shape)
                 per_rank = math.ceil(full / count)
                 held = max(0, min(per_rank, full - index * per_rank))
                 for state, tensor in flat.items():
@@ -243,7 +225,8 @@ def notice(message):
         print(message, file=sys.__stderr__)
 
 
-def build_index(input_folder, *, strict=True, inject_missing_state=False, model_config=None):
+def build_index(input_folder: str, *, strict: bool = True, inject_missing_state: bool = False,
+                model_config: str | None = None) -> tuple[Layout, dict, list[Fragment], list[Parameter]]:
     """Index a checkpoint: returns (layout, universal_info, fragments, params) without reading tensor data.
 
     A checkpoint of a transformers model (its config.json beside or above the tag folder, or `model_config`)
@@ -266,55 +249,43 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False, model_
         experts = expert_params(layout, [(path, load_structure(path)) for path in layout.model_files], slice_shapes)
         rows = _stage12_fragments(layout, info)
 
-    fragments = pd.DataFrame(rows, columns=["param", "state", "tp", "pp", "dp", "file", "tensor", "offset", "numel"])
-    fragments = _drop_shadowed_pipeline_copies(fragments)
-    fragments["shape"] = [
-        shape_text((slice_shapes.get(name) or [None] * (tp + 1))[tp])
-        for name, tp in zip(fragments["param"], fragments["tp"])
+    fragments = [
+        Fragment(*row, shape=(slice_shapes.get(row[0]) or [None] * (row[2] + 1))[row[2]] or ())
+        for row in _drop_shadowed_pipeline_copies(rows)
     ]
-    with_slices = set(fragments["param"])
+    states_of = {}
+    for fragment in fragments:
+        states_of.setdefault(fragment.param, set()).add(fragment.state)
 
     params = []
     rules = []
     for name, shapes in slice_shapes.items():
         if name in experts:
             plan = experts[name]
-            states = sorted(set(fragments.loc[fragments["param"] == name, "state"]))
-            params.append(
-                dict(param=name, format=FORMAT_EXPERT, merge="", vocabulary=False,
-                     shapes=json.dumps([[plan["num_experts"], *plan["shape"]]]), states=",".join(states),
-                     numel=plan["num_experts"] * _numel(plan["shape"]), source="", tensor="",
-                     experts=json.dumps(plan))
-            )
+            params.append(Parameter(
+                param=name, format=FORMAT_EXPERT, merge="", vocabulary=False,
+                shapes=[(plan["num_experts"], *plan["shape"])], states=tuple(sorted(states_of.get(name, ()))),
+                numel=plan["num_experts"] * numel_of(plan["shape"]), experts=plan,
+            ))
             continue
         if stage3_flat:
             rule_kind, vocab = COLUMN_PARALLEL, False
         else:
-            rule = classify(info, name, has_slices=name in with_slices)
+            rule = classify(info, name, has_slices=name in states_of)
             rules.append(rule)
-            if name not in with_slices and rule.kind != COLUMN_PARALLEL:
+            if name not in states_of and rule.kind != COLUMN_PARALLEL:
                 raise CheckpointError(
                     f"Parameter {name} has no optimizer fragments, but its `{C.UNIVERSAL_CHECKPOINT_INFO}` "
                     f"pattern {rule.pattern!r} ({rule.kind}) needs its tensor-parallel slices."
                 )
             rule_kind, vocab = rule.kind, rule.vocabulary
-        if name not in with_slices:
+        if name not in states_of:
             continue
-        states = sorted(set(fragments.loc[fragments["param"] == name, "state"]))
-        params.append(
-            dict(
-                param=name,
-                format=FORMAT_FLAT if stage3_flat else FORMAT_MERGED,
-                merge=rule_kind,
-                vocabulary=vocab,
-                shapes=json.dumps([list(s) if s is not None else None for s in shapes]),
-                states=",".join(states),
-                numel=sum(_numel(s) for s in shapes if s is not None),
-                source="",
-                tensor="",
-                experts="",
-            )
-        )
+        params.append(Parameter(
+            param=name, format=FORMAT_FLAT if stage3_flat else FORMAT_MERGED, merge=rule_kind, vocabulary=vocab,
+            shapes=[tuple(s) if s is not None else None for s in shapes], states=tuple(sorted(states_of[name])),
+            numel=sum(numel_of(s) for s in shapes if s is not None),
+        ))
     if strict and not stage3_flat:
         unused = unused_patterns(info, rules)
         if unused:
@@ -324,49 +295,23 @@ def build_index(input_folder, *, strict=True, inject_missing_state=False, model_
             )
 
     if layout.zero_stage <= 2:
-        merged_names = {p["param"] for p in params}
+        merged_names = {p.param for p in params}
         for name, (path, tensor) in _module_fallback(layout, merged_names).items():
-            params.append(
-                dict(
-                    param=name,
-                    format=FORMAT_MODULE,
-                    merge="",
-                    vocabulary=False,
-                    shapes=json.dumps([list(tensor.shape)]),
-                    states="fp32",
-                    numel=tensor.numel,
-                    source=path,
-                    tensor=f"module/{name}",
-                    experts="",
-                )
-            )
-    params = pd.DataFrame(params)
-    params["bytes"] = params["numel"] * 4 * params["states"].str.count(r"fp32|exp_avg")
+            params.append(Parameter(
+                param=name, format=FORMAT_MODULE, merge="", vocabulary=False, shapes=[tuple(tensor.shape)],
+                states=(FP32,), numel=tensor.numel, source=path, tensor=f"module/{name}",
+            ))
     return layout, info, fragments, params
 
 
-def _drop_shadowed_pipeline_copies(fragments):
+def _drop_shadowed_pipeline_copies(rows):
     """A parameter held by several pipeline stages and not declared pipeline-replicated: DeepSpeed's
-    extraction writes each stage's fragment to the same temp file, so the last stage wins."""
-    key = ["param", "state", "tp", "dp"]
-    fragments = fragments.sort_values(["pp"], kind="stable")
-    return fragments.drop_duplicates(subset=key, keep="last").sort_index().reset_index(drop=True)
-
-
-def layout_record(layout, info_path):
-    record = asdict(layout)
-    record.pop("universal_info")
-    record["universal_info_file"] = str(info_path)
-    return record
-
-
-def read_index_table(path):
-    """A table the index step wrote (fragments.tsv, params.tsv) as a DataFrame, empty cells as ""."""
-    return pd.read_csv(path, sep="\t", keep_default_na=False)
-
-
-def layout_from_record(record, info):
-    """The Layout that `layout_record` wrote to layout.json, with its universal_checkpoint_info."""
-    names = {f.name for f in fields(Layout)} - {"universal_info", "rank_files"}
-    rank_files = [RankFile(**rank) for rank in record["rank_files"]]
-    return Layout(universal_info=info, rank_files=rank_files, **{k: v for k, v in record.items() if k in names})
+    extraction writes each stage's fragment to the same temp file, so the last stage wins. Rows are
+    (param, state, tp, pp, dp, ...); the survivors keep their order."""
+    last_stage = {}
+    for position, row in enumerate(rows):
+        key = (row[0], row[1], row[2], row[4])
+        if key not in last_stage or row[3] >= rows[last_stage[key]][3]:
+            last_stage[key] = position
+    keep = set(last_stage.values())
+    return [row for position, row in enumerate(rows) if position in keep]

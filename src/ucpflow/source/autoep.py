@@ -12,16 +12,14 @@ ZeRO-3's partition-native format has no per-expert files: each rank's own `ds_au
 its EP rank, expert-data-parallel rank and the placement of the experts it holds.
 """
 
-import json
-import math
+import glob
 import os
 import re
+import tempfile
 
-import numpy as np
-
-from . import dsconst as C
-from . import ptfile
-from .errors import CheckpointError
+from .. import dsconst as C
+from .. import ptfile
+from ..errors import CheckpointError
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 # What ds_to_universal writes into the copied model-state files of a ZeRO-1/2 conversion.
@@ -201,8 +199,6 @@ def experts_by_placement(layer, name):
 
 def check_expert_files(folder, layer, prefix):
     """Each expert of the layer has exactly one per-expert file holding its w1/w2/w3, as DeepSpeed requires."""
-    import glob
-
     layer_id = layer.get("moe_layer_id")
     for expert in range(layer[C.AUTOEP_NUM_EXPERTS]):
         matches = glob.glob(os.path.join(folder, EXPERT_FILE.format(layer=layer_id, expert=expert)))
@@ -215,48 +211,6 @@ def check_expert_files(folder, layer, prefix):
         for weight in EXPERT_WEIGHTS:
             if f"{prefix}.{weight}.{expert}" not in keys:
                 raise CheckpointError(f"Expected key '{prefix}.{weight}.{expert}' not found in {matches[0]}.")
-
-
-def merge_expert_parameter(reader, row, frags, save, states=None):
-    """Write fp32/exp_avg/exp_avg_sq/step (or those of them in `states`) of one fused expert parameter, as
-    `consolidate_autoep_zero12_expert_states`."""
-    from .index import OPTIMIZER_STATES, STEP
-    from .merge import _same_value
-
-    name, plan = row["param"], json.loads(row["experts"])
-    num_experts, rest = plan["num_experts"], tuple(plan["shape"])
-    by_state = {}
-    for frag in frags:
-        by_state.setdefault(frag.state, {}).setdefault(frag.dp, []).append(frag)
-    steps = [reader.value(f.file, f.tensor) for dp in sorted(by_state.get(STEP, {})) for f in by_state[STEP][dp]]
-    if not steps and not plan.get("zero3"):
-        raise CheckpointError(f"Missing AutoEP optimizer step for {name}.")
-    if not all(_same_value(step, steps[0]) for step in steps[1:]):
-        raise CheckpointError(f"Inconsistent AutoEP optimizer steps for {name}.")
-    states = (*OPTIMIZER_STATES, STEP) if states is None else states
-    for state in (s for s in OPTIMIZER_STATES if s in states):
-        full = np.empty((num_experts, *rest), dtype=np.float32)
-        for ep_rank, (experts, dp_ranks) in enumerate(zip(plan["experts"], plan["dp_ranks"])):
-            pieces = [f for dp in dp_ranks for f in by_state.get(state, {}).get(dp, [])]
-            expected = len(experts) * math.prod(rest)
-            if not pieces and expected:
-                raise CheckpointError(f"Missing AutoEP {state} fragments for {name}, EP rank {ep_rank} "
-                                      "(ucpflow does not rebuild them from the per-expert files).")
-            local = []
-            for frag in pieces:
-                data, dtype = reader.view(frag.file, frag.tensor, frag.offset, frag.numel)
-                if dtype != "float32":
-                    raise CheckpointError(f"AutoEP {state} fragment must be FP32, got {dtype} in {frag.file}.")
-                local.append(data)
-            local = np.concatenate(local) if local else np.empty(0, dtype=np.float32)
-            if local.size != expected:
-                raise CheckpointError(f"AutoEP {state} fragment size mismatch for {name}, EP rank {ep_rank}: "
-                                      f"got {local.size}, expected {expected}.")
-            full[experts] = local.reshape((len(experts), *rest))
-        save(state, {C.PARAM: ptfile.ArrayTensor(full, "float32"), C.CAT_DIM: 0, C.EP_IS_EXPERT_PARAM: True,
-                     C.EP_NUM_EXPERTS: num_experts})
-    if not plan.get("zero3") and STEP in states:
-        save(STEP, steps[0])
 
 
 def universal_model_state(source):
@@ -282,8 +236,6 @@ def universal_model_state(source):
 
 def universal_model_state_digest(source, digest):
     """digest(path) of the model-state file a conversion writes for `source` (for `verify`)."""
-    import tempfile
-
     structure = universal_model_state(source)
     if structure is None:
         return digest(source)

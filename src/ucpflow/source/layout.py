@@ -9,54 +9,18 @@ layout is checked against the degrees the checkpoint itself records, and the pro
 import glob
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dsconst as C
-from . import ptfile
-from .errors import CheckpointError
+from .. import dsconst as C
+from .. import ptfile
+from ..errors import CheckpointError
+from ..tables import Layout, RankFile
+from .autoep import autoep_metadata, is_partitioned
 
 LAYER_FILE_PATTERN = r"layer_(\d+)-model_.*"
 ZERO3_FILE_PATTERN = r"(?:bf16_)?zero_pp_rank_"
 ZERO3_RANKS_PATTERN = r"(?:bf16_)?zero_pp_rank_([0-9]+)_mp_rank_([0-9]+)"
 ZERO_PARTITION_GROUPS = "ds_zero_partition_groups"
-
-
-@dataclass(frozen=True)
-class RankFile:
-    """One optimizer-state file and the ranks whose ZeRO partition it holds."""
-
-    path: str
-    pp: int
-    tp: int
-    dp: int
-
-    @property
-    def name(self):
-        return Path(self.path).name
-
-
-@dataclass
-class Layout:
-    folder: str
-    zero_stage: int
-    pp_degree: int
-    tp_degree: int
-    dp_degree: int
-    rank_files: list
-    model_files: list
-    copy_files: list
-    universal_info: dict
-    global_steps: int = 0
-    megatron_model: bool = False  # the first model-states file holds Megatron's `args`
-    autoep_metadata: object = None
-    notes: list = field(default_factory=list)
-
-    def rank_file(self, pp, tp, dp):
-        for rank in self.rank_files:
-            if (rank.pp, rank.tp, rank.dp) == (pp, tp, dp):
-                return rank
-        raise KeyError((pp, tp, dp))
 
 
 def natural_keys(text):
@@ -187,16 +151,10 @@ def _expected_rank_name(prefix, dp, mp):
     return f"{prefix}{dp}_{C.MODEL_FILE_PREFIX}{mp:02d}{C.OPTIM_FILE_SUFFIX}"
 
 
-def _autoep_metadata(structure):
-    return structure.get(C.AUTOEP_LAYERS_KEY) or structure.get(C.AUTOEP_LAYERS_KEY_LEGACY)
-
-
 def _check_autoep_zero3(path, structure, tp):
     """ZeRO-3 AutoEP converts only from DeepSpeed's partition-native format, and without AutoTP folding."""
-    from .autoep import is_partitioned
-
-    layers = _autoep_metadata(structure)
-    if layers is None:
+    layers = autoep_metadata(structure)
+    if not layers:
         return
     if not is_partitioned(layers):
         raise CheckpointError(

@@ -13,15 +13,15 @@ import os
 import zipfile
 from pathlib import Path
 
+from ..errors import CheckpointError
+from .layout import resolve_tag_folder
+
 SIGNATURE_LENGTH = 12
 
 
 def _tag_folder(input_folder):
     """(folder whose files are converted, its tag) as the index finds them; a folder it rejects still gets a
     signature of its own files, and the index says what is wrong."""
-    from .errors import CheckpointError
-    from .layout import resolve_tag_folder
-
     try:
         folder = resolve_tag_folder(input_folder)
     except CheckpointError:
@@ -73,7 +73,7 @@ def derived_folder(work_folder):
 
 # The version of what the index writes: a ucpflow that writes other tables (or reads them otherwise)
 # gets a new signature, so a work folder of an earlier version is indexed again instead of misread.
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
 # Config keys that change what the index writes: a new value indexes the input again.
 INDEX_KEYS = ("strict", "inject_missing_state", "hf_config", "allow_globals", "merge_job_bytes", "merge_min_jobs")
 

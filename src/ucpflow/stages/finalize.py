@@ -1,4 +1,6 @@
-"""Rule `finalize`: check the universal checkpoint complete against the index, then write latest_universal.
+"""The finalize stage: the files of a universal checkpoint that are not merged (zero/optimizer_state.pt and
+the model states), then rule `finalize`: check the checkpoint complete against the index and write
+latest_universal.
 
 Before the marker is written, the output folder is made to hold exactly what the current index makes:
 parameter folders and model-states copies of an earlier input are removed, as are leftovers of
@@ -10,11 +12,53 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointError
-from .jobs import OPTIMIZER_STATE_FILE, STAGING, ZERO, MODEL_STATES_SUFFIX
-from .fileio import write_text
-from .markers import write_marker
+from .. import dsconst as C
+from .. import ptfile
+from ..errors import CheckpointError
+from ..fileio import copy_file, remove_leftovers, write_text
+from ..markers import retract_latest_universal, write_marker
+from ..source.autoep import universal_model_state
+from ..tables import MODEL_STATES_SUFFIX, OPTIMIZER_STATE_FILE, STAGING, ZERO, IndexRecord, read_index_record
 from .publish import missing_files, parameter_files
+
+
+def universal_optimizer_state(record: IndexRecord) -> dict:
+    """The dict DeepSpeed's converter saves as zero/optimizer_state.pt, from the first rank file:
+    ZeRO-3 keeps its whole optimizer state; ZeRO-1/2 drop the sharded entries, as
+    ZeROCheckpoint.get_state_for_rank clears the group paddings and sets the partition counts."""
+    optim = ptfile.load(record.optimizer_state_source)[C.OPTIMIZER_STATE_DICT]
+    if record.layout.zero_stage > 2:
+        optim[C.PARAM_GROUPS] = optim[C.OPTIMIZER_STATE_DICT][C.PARAM_GROUPS]
+        return optim
+    sharded = {C.BASE_OPTIMIZER_STATE, C.PARAM_SLICE_MAPPINGS, C.SINGLE_PARTITION_OF_FP32_GROUPS}
+    state = {k: v for k, v in optim.items() if k not in sharded}
+    if state.get(C.GROUP_PADDINGS):
+        state[C.GROUP_PADDINGS] = [0] * len(state[C.GROUP_PADDINGS])
+    if state.get(C.PARTITION_COUNT):
+        state[C.PARTITION_COUNT] = [record.layout.dp_degree] * len(state[C.PARTITION_COUNT])
+    state[C.PARAM_GROUPS] = optim[C.BASE_OPTIMIZER_STATE][C.PARAM_GROUPS]
+    return state
+
+
+def optimizer_state_job(layout_path: str, output: str) -> None:
+    """zero/optimizer_state.pt: the first rank's optimizer state without its sharded tensors (as DeepSpeed)."""
+    record = read_index_record(layout_path)
+    state = universal_optimizer_state(record)
+    retract_latest_universal(record.output_folder)
+    remove_leftovers(output)
+    ptfile.save(state, output)
+
+
+def copy_model_state_job(source: str, output: str, output_folder: str) -> None:
+    """A model-state file as ds_to_universal writes it: copied, or for AutoEP rewritten with its expert patterns
+    (either way read first through the restricted loader, so a file naming a disallowed global is refused)."""
+    retract_latest_universal(output_folder)
+    structure = universal_model_state(source)
+    if structure is None:
+        copy_file(source, output)
+    else:
+        remove_leftovers(output)
+        ptfile.save(structure, output)
 
 
 def remove_stale_entries(output_folder, parameters, copy_names):

@@ -8,8 +8,8 @@ pattern counts as used only when DeepSpeed's code path would have consulted it.
 import re
 from dataclasses import dataclass
 
-from . import dsconst as C
-from .errors import CheckpointError
+from .. import dsconst as C
+from ..errors import CheckpointError
 
 REPLICATED = "replicated"
 AVERAGE = "average"

@@ -1,4 +1,4 @@
-"""Publishing merged parameters: staging/<bucket>/<param>/ → OUT/zero/<param>/, and what a complete
+"""The publish stage: merged parameters staging/<bucket>/<param>/ → OUT/zero/<param>/, and what a complete
 parameter folder holds.
 
 A merge job writes a whole bucket of parameter folders into its staging folder; one `publish` job per
@@ -7,24 +7,21 @@ Snakemake removes it, so an interrupted run can publish from it again). A staged
 (a partial deletion after a killed run) is merged again by the publish job itself.
 """
 
-import csv
 import errno
 import os
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointError
-from .fileio import FOLDER_MODE
-from .markers import retract_latest_universal
+from ..errors import CheckpointError
+from ..fileio import FOLDER_MODE
+from ..markers import retract_latest_universal
+from ..tables import FP32_FILE, ZERO, IndexFiles, read_parameters
+from .merge import BucketMerger
 
 
-def parameter_files(params_path):
+def parameter_files(params_path: str) -> dict[str, list[str]]:
     """{parameter: sorted file names of its universal folder} from the index's parameter table."""
-    with open(params_path, newline="") as handle:
-        return {
-            row["param"]: sorted(f"{state}.pt" for state in row["states"].split(",") if state)
-            for row in csv.DictReader(handle, delimiter="\t")
-        }
+    return {row.param: row.files for row in read_parameters(params_path)}
 
 
 def missing_files(folder, expected):
@@ -39,7 +36,7 @@ def incomplete_parameter_stamp(folder, expected):
     """A name for a published folder that lost one of its files (else ""): the time of its fp32.pt, so
     each loss asks for a fresh rerun. A missing folder or fp32.pt is Snakemake's own business."""
     try:
-        stamp = os.stat(os.path.join(folder, "fp32.pt")).st_mtime_ns
+        stamp = os.stat(os.path.join(folder, FP32_FILE)).st_mtime_ns
     except FileNotFoundError:
         return ""
     return str(stamp) if missing_files(folder, expected) else ""
@@ -66,7 +63,7 @@ def publish_parameter(staged_bucket, output_folder, name, expected, merge_again)
     """Hard-link staged_bucket/<name>/ into OUT/zero/<name>/, or, when the staged copy is incomplete,
     call `merge_again(folder)` to write the parameter's files into `folder` first."""
     retract_latest_universal(output_folder)
-    zero = Path(output_folder) / "zero"
+    zero = Path(output_folder) / ZERO
     zero.mkdir(parents=True, exist_ok=True)
     built = zero / f".{name}.publishing"
     if built.exists():
@@ -82,3 +79,18 @@ def publish_parameter(staged_bucket, output_folder, name, expected, merge_again)
         if lost:
             raise CheckpointError(f"Merging {name} again did not write {', '.join(lost)}.")
     _replace_folder(built, zero / name)
+
+
+def publish_job(name: str, staged_bucket: str, output_folder: str, files: list[str], bucket: str,
+                index: IndexFiles, map_paths: list[str]) -> None:
+    """Put one parameter's folder (holding `files`) into OUT/zero/, from its bucket's staging (or merged again
+    from `bucket`'s index rows and extraction maps)."""
+
+    def merge_again(folder):
+        merger = BucketMerger(bucket, index, map_paths)
+        try:
+            merger.merge_one(name, folder)
+        finally:
+            merger.close()
+
+    publish_parameter(staged_bucket, output_folder, name, files, merge_again)
