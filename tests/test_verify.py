@@ -12,6 +12,7 @@ import torch
 from conftest import convert, snakemake
 from verify_run import verify_conversion
 
+from ucpflow.tables import index_files
 from ucpflow.verify import verify
 from ucpflow.source.signature import derived_folder
 
@@ -240,10 +241,10 @@ def test_partitions_left_uncovered_or_covered_twice_are_reported(converted, tmp_
         writer.writerows(edited)
 
     _, partitions, _ = verify(
-        index / "layout.json", tmp_path / "fragments.tsv", index / "params.tsv", index / "universal_info.pkl",
+        index_files(str(index))._replace(fragments=str(tmp_path / "fragments.tsv")),
         sorted((derived_folder(conversion.work) / "extract").glob("*.tsv")), conversion.output,
         conversion.output.parent / "latest_universal",
-    )  # fmt: skip
+    )
 
     problems = {(row["file"], row["tensor"]): row["problem"] for row in partitions if row["problem"]}
     start, end = int(dropped["offset"]), int(dropped["offset"]) + int(dropped["numel"])
