@@ -1,8 +1,13 @@
 """Workflow settings derived from the validated config, and config errors in one sentence."""
 
+from __future__ import annotations
+
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,7 +17,7 @@ from .markers import latest_universal_path
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
-def coerce_booleans(config, schema_path):
+def coerce_booleans(config: dict[str, Any], schema_path: Path | str) -> None:
     """`--config strict=false` arrives as the string 'false'; read such words as the booleans the schema wants."""
     with open(schema_path) as handle:
         properties = yaml.safe_load(handle).get("properties", {})
@@ -22,7 +27,7 @@ def coerce_booleans(config, schema_path):
             config[key] = BOOLEAN_WORDS[value.lower()]
 
 
-def explain_validation_error(error):
+def explain_validation_error(error: BaseException) -> str:
     """One sentence for a jsonschema ValidationError wrapped in Snakemake's WorkflowError."""
     cause = error.__cause__ or error.__context__
     if not hasattr(cause, "absolute_path"):
@@ -31,7 +36,7 @@ def explain_validation_error(error):
     return f"Config key `{key}`: {cause.message}." if key else f"Config: {cause.message}."
 
 
-def default_work_folder(output_folder):
+def default_work_folder(output_folder: str) -> str:
     absolute = os.path.abspath(output_folder)
     digest = hashlib.sha1(absolute.encode()).hexdigest()[:8]
     return os.path.join("ucpflow-work", f"{os.path.basename(absolute)}-{digest}")
@@ -46,11 +51,11 @@ class Settings:
     latest_universal: str
 
     @property
-    def builds_demo(self):
+    def builds_demo(self) -> bool:
         return os.path.normpath(self.input_folder) == os.path.normpath(self.demo_folder)
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
         output = os.path.normpath(config["output_folder"])
         settings = cls(
             input_folder=os.path.normpath(config["input_folder"]),

@@ -34,7 +34,7 @@ def __getattr__(key):
     return getattr(_constants, key)
 
 
-def deepspeed_version():
+def deepspeed_version() -> str:
     """The installed DeepSpeed's version string, read from package metadata (no import)."""
     from importlib.metadata import version
 

@@ -1,17 +1,21 @@
 """Atomic file writing: every output appears under its final name only once it is complete."""
 
+from __future__ import annotations
+
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 # The temp names of _temp_path (mkstemp: 8 random characters) and of ptfile.save (pid and 8 hex digits).
 _TEMP_NAME_TAIL = re.compile(r"[a-z0-9_]{8}\.partial.*|\d+\.[0-9a-f]{8}\.tmp")
 
 
-def remove_leftovers(final):
+def remove_leftovers(final: Path | str) -> None:
     """Remove the temp files that earlier writers of `final` left when they were killed (SIGKILL, node
     failure) before renaming: only one job at a time writes a given output, so no live writer owns them."""
     final = Path(final)
@@ -53,7 +57,7 @@ def _temp_path(final, suffix=""):
     return Path(name)
 
 
-def fsync_path(path):
+def fsync_path(path: Path | str) -> None:
     """Flush a file's or folder's entry to disk (a folder: so that renames inside it survive a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -63,7 +67,7 @@ def fsync_path(path):
 
 
 @contextmanager
-def atomic_writer(final, mode="w"):
+def atomic_writer(final: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temp file beside `final`; on success rename it into place, on error remove it."""
     temp = _temp_path(final)
     try:
@@ -75,7 +79,7 @@ def atomic_writer(final, mode="w"):
         raise
 
 
-def write_text(final, text, durable=False):
+def write_text(final: Path | str, text: str, durable: bool = False) -> None:
     """Write `text` to `final` atomically; `durable` also fsyncs the file and then its folder."""
     with atomic_writer(final) as handle:
         handle.write(text)
@@ -87,7 +91,7 @@ def write_text(final, text, durable=False):
 
 
 @contextmanager
-def atomic_directory(final):
+def atomic_directory(final: Path | str) -> Iterator[Path]:
     """Build a directory under a temp name beside `final`; rename it into place when complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -103,14 +107,14 @@ def atomic_directory(final):
         raise
 
 
-def remove_partial_folders(final):
+def remove_partial_folders(final: Path | str) -> None:
     """Leftovers of an interrupted atomic_directory(final): `.<name>.*.partial` beside it."""
     final = Path(final)
     for leftover in final.parent.glob(f".{final.name}.*.partial"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def copy_file(source, final):
+def copy_file(source: Path | str, final: Path | str) -> None:
     """Copy with metadata (as shutil.copy2 does) through a temp name."""
     temp = _temp_path(final)
     try:

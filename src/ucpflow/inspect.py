@@ -11,8 +11,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -24,7 +26,7 @@ from .fileio import atomic_writer, write_text
 from .ptfile.guard import bounded_repr, refusal
 from .source.fragments import build_index
 from .source.layout import LAYER_FILE_PATTERN, ZERO3_RANKS_PATTERN, discover, resolve_tag_folder
-from .source.patterns import COLUMN_PARALLEL, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, classify
+from .source.patterns import COLUMN_PARALLEL, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, MergeRule, classify
 from .source.trust import scan_folder
 from .stages.index import assign_buckets
 from .tables import (
@@ -34,6 +36,7 @@ from .tables import (
     IndexFiles,
     Layout,
     Parameter,
+    Shape,
     read_fragments,
     read_index_record,
     read_parameters,
@@ -47,7 +50,7 @@ CONCATENATED = (COLUMN_PARALLEL, ROW_PARALLEL, TWO_SUB_PARAMS, SUB_PARAMS)
 EXPERT_FILE_PATTERN = r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt"
 
 
-def file_kind(name):
+def file_kind(name: str) -> str:
     if name.endswith(C.OPTIM_FILE_SUFFIX):
         return "optimizer"
     if re.fullmatch(EXPERT_FILE_PATTERN, name):
@@ -76,7 +79,7 @@ def _ranks_from_name(name):
     return ranks
 
 
-def files_table(folder, layout=None):
+def files_table(folder: Path | str, layout: Layout | None = None) -> pd.DataFrame:
     rows = []
     for path in sorted(Path(folder).iterdir()):
         if not path.is_file():
@@ -92,7 +95,7 @@ def files_table(folder, layout=None):
     return pd.DataFrame(rows, columns=["file", "kind", "layer", "pp", "tp", "dp", "bytes"])
 
 
-def universal_shape(shapes, rule, info):
+def universal_shape(shapes: Iterable[Shape | None], rule: MergeRule | None, info: Mapping[str, Any]) -> tuple[int, ...]:
     """The merged parameter's shape, from its per-tp-rank shapes and merge rule."""
     present = [tuple(s) for s in shapes if s is not None]
     if not present:
@@ -199,7 +202,7 @@ def _args_table(folder, layout):
     return pd.DataFrame(sorted((str(k), bounded_repr(v, 400)) for k, v in values.items()), columns=["arg", "value"])
 
 
-def layout_summary(layout):
+def layout_summary(layout: Layout) -> dict[str, Any]:
     summary = dict(
         folder=layout.folder, zero_stage=layout.zero_stage, pp_degree=layout.pp_degree, tp_degree=layout.tp_degree,
         dp_degree=layout.dp_degree, rank_files=len(layout.rank_files), global_steps=layout.global_steps,
@@ -232,7 +235,8 @@ def conversion_tables(layout: Layout, info: dict, fragments: list[Fragment],
     return summary, tables
 
 
-def inspect_checkpoint(input_folder, *, strict=True, inject_missing_state=False, job_bytes=4_000_000_000, min_jobs=2):
+def inspect_checkpoint(input_folder: Path | str, *, strict: bool = True, inject_missing_state: bool = False,
+                       job_bytes: int = 4_000_000_000, min_jobs: int = 2) -> tuple[dict, dict[str, pd.DataFrame]]:
     """Everything inspect reports, as (summary dict, {table name: DataFrame}); problems become blockers."""
     folder = resolve_tag_folder(input_folder)
     findings = scan_folder(input_folder)
@@ -280,7 +284,7 @@ EXPERT_COLUMNS = ["param", "moe_layer", "experts", "ep_size", "placement", "byte
 SVG_COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7"]
 
 
-def plot_parameter_bytes(parameters, path, top=40):
+def plot_parameter_bytes(parameters: pd.DataFrame | None, path: Path | str, top: int = 40) -> None:
     """SVG bar chart of the largest parameters' universal bytes, coloured by merge job (written atomically)."""
     label_width, bar_width, row, head = 300, 460, 16, 40
     largest = parameters.sort_values("bytes", ascending=False).head(top) if parameters is not None else parameters
@@ -311,7 +315,7 @@ def plot_parameter_bytes(parameters, path, top=40):
     write_text(path, "\n".join(parts) + "\n")
 
 
-def summary_text(summary):
+def summary_text(summary: Mapping[str, Any]) -> str:
     lines = [f"Checkpoint {summary['folder']}"]
     if "zero_stage" in summary:
         lines.append(
@@ -334,7 +338,7 @@ def summary_text(summary):
     return "\n".join(lines)
 
 
-def write_inspection(summary, tables, folder):
+def write_inspection(summary: Mapping[str, Any], tables: Mapping[str, pd.DataFrame], folder: Path | str) -> None:
     folder = Path(folder)
     for name, table in tables.items():
         with atomic_writer(folder / f"{name}.csv") as handle:
@@ -347,7 +351,7 @@ def write_inspection(summary, tables, folder):
     write_text(folder / "summary.md", summary_text(summary) + "\n")
 
 
-def markdown_table(table):
+def markdown_table(table: pd.DataFrame) -> str:
     if not len(table):
         return "(none)\n"
     header = "| " + " | ".join(str(c) for c in table.columns) + " |"
@@ -356,7 +360,7 @@ def markdown_table(table):
     return "\n".join([header, rule, *rows]) + "\n"
 
 
-def describe(obj, indent="", out=None):
+def describe(obj: object, indent: str = "", out: list[str] | None = None) -> list[str]:
     """Lines of a .pt file's key tree: containers expanded, tensors as dtype and shape."""
     out = [] if out is None else out
     if isinstance(obj, dict):
@@ -382,7 +386,7 @@ def _leaf(value):
     return bounded_repr(value, 120)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ucpflow.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a .pt file (key tree) or a checkpoint folder (summary)")
     args = parser.parse_args(argv)

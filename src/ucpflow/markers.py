@@ -5,18 +5,21 @@ marker is written (durably: file and folder fsynced) only by the job that checke
 So a run that fails or is killed part-way leaves no marker behind, whatever it had changed.
 """
 
+from __future__ import annotations
+
 import os
+from collections.abc import Container
 from pathlib import Path
 
 from .fileio import fsync_path, write_text
 from .tables import LATEST_UNIVERSAL
 
 
-def latest_universal_path(output_folder):
+def latest_universal_path(output_folder: str) -> str:
     return os.path.join(os.path.dirname(os.path.normpath(output_folder)), LATEST_UNIVERSAL)
 
 
-def retract(marker, names=None):
+def retract(marker: Path | str, names: Container[str] | None = None) -> None:
     """Remove `marker` before its folder changes; with `names`, only while it names one of them (the
     parent's `latest_universal` may name another conversion beside this one, which stays complete)."""
     marker = Path(marker)
@@ -29,9 +32,9 @@ def retract(marker, names=None):
     fsync_path(marker.parent)
 
 
-def retract_latest_universal(output_folder):
+def retract_latest_universal(output_folder: str) -> None:
     retract(latest_universal_path(output_folder), names={Path(os.path.normpath(output_folder)).name})
 
 
-def write_marker(marker, text):
+def write_marker(marker: Path | str, text: str) -> None:
     write_text(marker, text, durable=True)

@@ -1,12 +1,19 @@
 """Running a rule's job: its output goes to the rule's log, and a user error ends it with one sentence."""
 
+from __future__ import annotations
+
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import UcpflowError
 from .tables import IndexFiles
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import Namedlist, Snakemake
 
 
 def _job_name(snakemake):
@@ -14,7 +21,7 @@ def _job_name(snakemake):
     return f"{snakemake.rule} {values}".strip()
 
 
-def run(snakemake, main, announce=False):
+def run(snakemake: Snakemake, main: Callable[[], object], announce: bool = False) -> None:
     """Call `main()` with stdout/stderr sent to the rule's log file.
 
     A UcpflowError (bad input, bad checkpoint) is reported as one line, both in the log and on the
@@ -47,7 +54,7 @@ class JobFailed(Exception):
     """A job run inside Snakemake's process failed; its one-sentence reason is in the message."""
 
 
-def run_in_process(log_path, function, *args):
+def run_in_process(log_path: Path | str, function: Callable[..., object], *args: Any) -> None:
     """Run a `run:` job's body in Snakemake's own process; on a UcpflowError, write the sentence to the
     log and raise it as one line (Snakemake prints it with the rule's name) instead of a traceback."""
     try:
@@ -58,6 +65,6 @@ def run_in_process(log_path, function, *args):
         raise JobFailed(f"ucpflow error: {error}") from None
 
 
-def index_files(named) -> IndexFiles:
+def index_files(named: Namedlist) -> IndexFiles:
     """The index's files among a job's named inputs or outputs (`layout`, `fragments`, `params`, `info`)."""
     return IndexFiles(*(named.get(key) for key in IndexFiles._fields))

@@ -13,7 +13,9 @@ dropped and the LM head is left to be tied to the word embeddings.
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +37,17 @@ from .hf_common import (
     shard_stems,
     split_into_shards,
 )
-from .source import FINAL_NORM, LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, load_plan, load_source, read_full
+from .source import (
+    FINAL_NORM,
+    LAYER,
+    POSITION_EMBEDDINGS,
+    WORD_EMBEDDINGS,
+    SourceModel,
+    Weight,
+    load_plan,
+    load_source,
+    read_full,
+)
 
 GPT2_EOS_TOKEN = 50256
 
@@ -60,7 +72,7 @@ GPT2_LAYER = (
 )
 
 
-def gpt2_activation(args):
+def gpt2_activation(args: object) -> str:
     """transformers' name for the MLP activation Megatron uses with these args (Megatron's defaults when unset)."""
     if getattr(args, "openai_gelu", False):
         return "gelu_new"
@@ -75,7 +87,7 @@ def gpt2_activation(args):
 GPT2, LLAMA = "GPT-2", HL.FAMILY
 
 
-def model_family(source):
+def model_family(source: SourceModel) -> str:
     """GPT2 or LLAMA: the transformers model that can hold the Megatron model; else one sentence why none can."""
     gpt2 = gpt2_problem(source)
     if gpt2 is None:
@@ -87,7 +99,7 @@ def model_family(source):
                        "Llama model cannot; the hf export supports GPT-2 and Llama-family Megatron models only.")
 
 
-def gpt2_problem(source):
+def gpt2_problem(source: SourceModel) -> str | None:
     """The first thing a GPT-2 model cannot express (a phrase), or None."""
     args = source.args
     problems = [
@@ -105,14 +117,14 @@ def gpt2_problem(source):
     return next((what for present, what in problems if present), None)
 
 
-def check_gpt2_layers(source):
+def check_gpt2_layers(source: SourceModel) -> None:
     known = {megatron for _, megatron, _ in GPT2_LAYER}
     for weight in source.weights:
         if weight.role == LAYER and weight.name not in known:
             raise UcpflowError(f"Parameter {weight.param} ({weight.name}) has no counterpart in a GPT-2 block.")
 
 
-def gpt2_tensors(source):
+def gpt2_tensors(source: SourceModel) -> dict[str, tuple[Weight, str]]:
     """{transformers name: (Weight, transform)} in GPT2LMHeadModel's state_dict order, without the tied lm_head."""
     tensors = {
         "transformer.wte.weight": (source.weight(WORD_EMBEDDINGS), COPY),
@@ -126,7 +138,7 @@ def gpt2_tensors(source):
     return tensors
 
 
-def gpt2_config(source):
+def gpt2_config(source: SourceModel) -> dict[str, Any]:
     """config.json: every GPT2Config field spelled out, so transformers' defaults cannot change the model."""
     args = source.args
     vocab = source.vocab
@@ -166,12 +178,12 @@ def gpt2_config(source):
     }
 
 
-def generation_config(config):
+def generation_config(config: Mapping[str, Any]) -> dict[str, Any]:
     tokens = {key: config[key] for key in ("bos_token_id", "eos_token_id") if config.get(key) is not None}
     return {"_from_model_config": True, **tokens, "use_cache": True}
 
 
-def gpt2_plan(source, universal_folder, dtype):
+def gpt2_plan(source: SourceModel, universal_folder: Path | str, dtype: str) -> tuple[dict[str, Any], dict[str, int]]:
     """Everything of a GPT-2 plan but the sharding, and {tensor: numel}."""
     check_gpt2_layers(source)
     tensors = dict(sorted(gpt2_tensors(source).items(), key=lambda item: save_order(item[0])))
@@ -192,7 +204,8 @@ def gpt2_plan(source, universal_folder, dtype):
     return plan, {name: math.prod(weight.shape) for name, (weight, _) in tensors.items()}
 
 
-def hf_plan(source, universal_folder, max_shard_size, dtype=None):
+def hf_plan(source: SourceModel, universal_folder: Path | str, max_shard_size: int | str,
+            dtype: str | None = None) -> dict[str, Any]:
     dtype = dtype or source.dtype
     if model_family(source) == LLAMA:
         plan, numel, _ = HL.llama_plan(source, universal_folder, dtype)
@@ -209,7 +222,7 @@ def hf_plan(source, universal_folder, max_shard_size, dtype=None):
     return {**plan, "shards": shards, "index": index, "generation_config": generation_config(plan["config"])}
 
 
-def check_hf_folder(folder, plan):
+def check_hf_folder(folder: Path | str, plan: Mapping[str, Any]) -> None:
     """Refuse weight files of another export, which transformers could load instead of these."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -221,8 +234,9 @@ def check_hf_folder(folder, plan):
                            "choose another hf_folder.")
 
 
-def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_shard_size, output, *, layout_path,
-                hf_dtype="", exclude_frozen=False, qkv_layout=""):
+def hf_plan_job(params_path: str, universal_folder: str, model_state_path: str | None, hf_folder: Path | str,
+                max_shard_size: int | str, output: str, *, layout_path: str, hf_dtype: str = "",
+                exclude_frozen: bool = False, qkv_layout: str = "") -> None:
     """The plan of a transformers model's export (the index found its config.json beside or above the tag
     folder, or it is given as hf_config), which reads only the index; else of a Megatron GPT model's, which reads
     the universal output and its copied model-states file `model_state_path`."""
@@ -240,7 +254,7 @@ def hf_plan_job(params_path, universal_folder, model_state_path, hf_folder, max_
     write_text(output, json.dumps(plan, indent=1))
 
 
-def gpt2_array(plan, spec):
+def gpt2_array(plan: Mapping[str, Any], spec: Mapping[str, Any]) -> np.ndarray:
     """A transformers tensor as a float32 numpy array."""
     if plan.get("family") == LLAMA:
         return HL.llama_array(plan, spec)
@@ -275,11 +289,11 @@ def hf_shard_job(plan_path: str, stem: str, output: str, index: IndexFiles | Non
     print(f"{output}: {len(tensors)} tensors")
 
 
-def hf_index_job(plan_path, output):
+def hf_index_job(plan_path: str, output: str) -> None:
     write_text(output, json.dumps(load_plan(plan_path)["index"], indent=2, sort_keys=True) + "\n")
 
 
-def hf_finalize_job(plan_path, generation_config_output, config_output):
+def hf_finalize_job(plan_path: str, generation_config_output: str, config_output: str) -> None:
     """generation_config.json, then config.json last: transformers finds a model only once it is complete."""
     plan = load_plan(plan_path)
     if TS.is_transformers_plan(plan):

@@ -9,13 +9,25 @@ already gone from the universal embeddings and output layer.
 
 import json
 import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import UcpflowError
 from . import tensors as T
 from .hf_common import TORCH_DTYPES, save_order
-from .source import FINAL_NORM, LAYER, OUTPUT_LAYER, POSITION_EMBEDDINGS, WORD_EMBEDDINGS, read_full
+from .source import (
+    FINAL_NORM,
+    LAYER,
+    OUTPUT_LAYER,
+    POSITION_EMBEDDINGS,
+    WORD_EMBEDDINGS,
+    SourceModel,
+    Weight,
+    read_full,
+)
 
 FAMILY = "Llama"
 COPY, Q, K, V, GATE, UP = "copy", "q", "k", "v", "gate", "up"
@@ -41,7 +53,7 @@ LLAMA_LAYER = (
 )
 
 
-def llama_problem(source):
+def llama_problem(source: SourceModel) -> str | None:
     """What keeps the model from being a transformers Llama model (a phrase), or None."""
     args = source.args
     rotary = getattr(args, "use_rotary_position_embeddings", False) \
@@ -60,7 +72,7 @@ def llama_problem(source):
     return next((what for present, what in problems if present), None)
 
 
-def llama_tensors(source):
+def llama_tensors(source: SourceModel) -> dict[str, tuple[Weight, str]]:
     """{transformers name: (Weight, transform)} of LlamaForCausalLM, without lm_head when it is tied."""
     tensors = {"model.embed_tokens.weight": (source.weight(WORD_EMBEDDINGS), COPY)}
     known = {megatron for _, megatron, _ in LLAMA_LAYER}
@@ -77,7 +89,7 @@ def llama_tensors(source):
     return tensors
 
 
-def output_shape(source, weight, transform):
+def output_shape(source: SourceModel, weight: Weight, transform: str) -> list[int]:
     rows = {Q: source.heads * source.head_dim, K: source.kv_heads * source.head_dim,
             V: source.kv_heads * source.head_dim}
     if transform in rows:
@@ -87,7 +99,7 @@ def output_shape(source, weight, transform):
     return list(weight.shape)
 
 
-def llama_config(source, dtype_name):
+def llama_config(source: SourceModel, dtype_name: str) -> dict[str, Any]:
     """config.json of LlamaForCausalLM, as transformers writes it (use_diff), from Megatron's args."""
     import transformers
 
@@ -109,7 +121,7 @@ def llama_config(source, dtype_name):
     return json.loads(config.to_json_string(use_diff=True))
 
 
-def llama_plan(source, universal_folder, dtype):
+def llama_plan(source: SourceModel, universal_folder: Path | str, dtype: str) -> tuple[dict[str, Any], dict[str, int], str]:
     """Everything of the plan but the sharding: tensors (in save order) with their output shapes, and config."""
     layout, why = source.qkv_layout
     tensors = dict(sorted(llama_tensors(source).items(), key=lambda item: save_order(item[0])))
@@ -130,7 +142,7 @@ def llama_plan(source, universal_folder, dtype):
     }, {name: math.prod(spec["out_shape"]) for name, spec in specs.items()}, why
 
 
-def llama_array(plan, spec):
+def llama_array(plan: Mapping[str, Any], spec: Mapping[str, Any]) -> np.ndarray:
     """A LlamaForCausalLM tensor as a float32 numpy array."""
     full = read_full(plan["universal_folder"], spec["param"], spec["shape"])
     transform = spec["transform"]

@@ -13,10 +13,14 @@ vocabulary padding. The fused QKV is written in the model's layout (qkv_layout):
 key/value groups, [q..., k, v] per group or its slice's [Q; K; V].
 """
 
+from __future__ import annotations
+
 import copy
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import ptfile
 from ..errors import UcpflowError
@@ -29,10 +33,15 @@ from .source import (
     OUTPUT_LAYER,
     POSITION_EMBEDDINGS,
     WORD_EMBEDDINGS,
+    SourceModel,
+    Weight,
     load_plan,
     load_source,
     read_full,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -57,21 +66,21 @@ LAYER_SPLITS = {
 REPLICATED_MERGES = ("replicated", "average")
 
 
-def iteration_folder(iteration):
+def iteration_folder(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def rank_folder(tp_rank, pp_rank, pp):
+def rank_folder(tp_rank: int, pp_rank: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def stage_layers(num_layers, pp, stage):
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
     """Megatron gives every pipeline stage the same number of consecutive layers."""
     per_stage = num_layers // pp
     return range(stage * per_stage, (stage + 1) * per_stage)
 
 
-def layer_split(source, weight):
+def layer_split(source: SourceModel, weight: Weight) -> str:
     split = LAYER_SPLITS.get(weight.name)
     if split is None:
         if weight.merge in REPLICATED_MERGES:
@@ -83,7 +92,7 @@ def layer_split(source, weight):
     return split
 
 
-def check_degrees(source, tp, pp):
+def check_degrees(source: SourceModel, tp: int, pp: int) -> None:
     """One sentence for target degrees that Megatron cannot run the model with."""
     if source.arg("untie_embeddings_and_output_weights") and not source.has_output_layer:
         raise UcpflowError("The args record an output layer separate from the word embeddings, but the universal "
@@ -104,7 +113,7 @@ def _entry(key, weight, split, qkv_order=None):
     return {"key": key, "param": weight.param, "shape": list(weight.shape), "split": split, "qkv_order": qkv_order}
 
 
-def stage_entries(source, stage, pp):
+def stage_entries(source: SourceModel, stage: int, pp: int) -> list[dict[str, Any]]:
     """Every tensor of one pipeline stage: its key path inside `model` and how it is cut."""
     entries = []
     if stage == 0:
@@ -130,7 +139,8 @@ def stage_entries(source, stage, pp):
     return entries
 
 
-def megatron_plan(source, universal_folder, model_state_path, tp, pp):
+def megatron_plan(source: SourceModel, universal_folder: Path | str, model_state_path: Path | str, tp: int,
+                  pp: int) -> dict[str, Any]:
     """What every file of the Megatron checkpoint holds (a JSON-ready dict)."""
     check_degrees(source, tp, pp)
     ranks = {rank_folder(t, p, pp): [t, p] for p in range(pp) for t in range(tp)}
@@ -154,7 +164,7 @@ def megatron_plan(source, universal_folder, model_state_path, tp, pp):
     }
 
 
-def check_megatron_folder(folder, plan):
+def check_megatron_folder(folder: Path | str, plan: Mapping[str, Any]) -> None:
     """Refuse an iteration folder holding rank folders of another layout, which Megatron could load instead."""
     iteration = Path(folder) / plan["iteration_folder"]
     if not iteration.is_dir():
@@ -165,7 +175,8 @@ def check_megatron_folder(folder, plan):
                            f"{plan['tp']} pp {plan['pp']} checkpoint; remove it or choose another megatron_folder.")
 
 
-def megatron_plan_job(params_path, universal_folder, model_state_path, megatron_folder, tp, pp, output, qkv_layout=""):
+def megatron_plan_job(params_path: str, universal_folder: str, model_state_path: str, megatron_folder: Path | str,
+                      tp: int, pp: int, output: str, qkv_layout: str = "") -> None:
     source = load_source(params_path, universal_folder, model_state_path, qkv_layout)
     plan = megatron_plan(source, universal_folder, model_state_path, tp, pp)
     check_megatron_folder(megatron_folder, plan)
@@ -175,7 +186,7 @@ def megatron_plan_job(params_path, universal_folder, model_state_path, megatron_
           f"{plan['qkv_layout']}")
 
 
-def full_tensor(plan, entry):
+def full_tensor(plan: Mapping[str, Any], entry: Mapping[str, Any]) -> np.ndarray:
     """A full fp32 weight in Megatron's form: QKV rows in the model's layout at the target degree (so that equal
     pieces are the ranks' slices), the vocabulary padded."""
     full = read_full(plan["universal_folder"], entry["param"], entry["shape"])
@@ -188,7 +199,7 @@ def full_tensor(plan, entry):
     return full
 
 
-def target_args(args, plan):
+def target_args(args: Any, plan: Mapping[str, Any]) -> Any:
     args = copy.deepcopy(args)
     args.tensor_model_parallel_size = plan["tp"]
     args.pipeline_model_parallel_size = plan["pp"]
@@ -196,7 +207,7 @@ def target_args(args, plan):
     return args
 
 
-def rank_checkpoint(plan, rank):
+def rank_checkpoint(plan: Mapping[str, Any], rank: str) -> dict[str, Any]:
     """The dict saved as one rank's model_optim_rng.pt."""
     tp_rank, pp_rank = plan["ranks"][rank]
     model = {"language_model": {}}
@@ -216,7 +227,7 @@ def rank_checkpoint(plan, rank):
 MEGATRON_MARKER = "latest_checkpointed_iteration.txt"
 
 
-def megatron_shard_job(plan_path, iteration_folder, rank, output):
+def megatron_shard_job(plan_path: str, iteration_folder: str, rank: str, output: str) -> None:
     plan = load_plan(plan_path)
     if iteration_folder != plan["iteration_folder"] or rank not in plan["ranks"]:
         raise UcpflowError(f"{iteration_folder}/{rank} is not a file of the planned tp {plan['tp']} pp {plan['pp']} "
@@ -228,6 +239,6 @@ def megatron_shard_job(plan_path, iteration_folder, rank, output):
     print(f"{output}: {len(plan['stages'][stage])} tensors of pipeline stage {stage}")
 
 
-def megatron_finalize_job(plan_path, output):
+def megatron_finalize_job(plan_path: str, output: str) -> None:
     """latest_checkpointed_iteration.txt, written once every rank's file is in place."""
     write_marker(output, str(load_plan(plan_path)["iteration"]))

@@ -1,10 +1,18 @@
 """What `inspect` says about the exports of a Megatron-DeepSpeed checkpoint, from its args and parameter table
 alone (before any conversion): the model family, the fused QKV layout and what `hf` and `megatron` will do."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from ..errors import UcpflowError
 from . import qkv_layout
 from .hf import GPT2, LLAMA, model_family
 from .source import SourceModel, Weight, classify_parameters
+
+if TYPE_CHECKING:
+    from ..tables import Parameter
 
 
 def _source(args, checkpoint_version, params):
@@ -27,7 +35,7 @@ def _features(source):
     return features
 
 
-def export_overview(args, checkpoint_version, params):
+def export_overview(args: object, checkpoint_version: float | None, params: Sequence[Parameter]) -> list[str]:
     """Lines for inspect's summary, or [] when the checkpoint is not a Megatron GPT model's."""
     if not hasattr(args, "num_layers"):
         return []

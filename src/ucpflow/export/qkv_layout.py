@@ -22,12 +22,12 @@ LAYOUTS = (AUTO, PER_GROUP, PER_SLICE)
 CONFIG_KEY = "megatron_qkv_layout"
 
 
-def same_rows(kv_heads, tp):
+def same_rows(kv_heads: int, tp: int) -> bool:
     """Whether both layouts give every rank the same rows: one key/value group per rank."""
     return kv_heads == tp
 
 
-def detect(args):
+def detect(args: object) -> tuple[str | None, str]:
     """(layout or None, why) from the saved args."""
     if hasattr(args, "ds_sequence_parallel_fpdt"):
         return PER_SLICE, "the args have ds_sequence_parallel_fpdt (Megatron-DeepSpeed PR #441 or later)"
@@ -40,7 +40,7 @@ def detect(args):
                  "Megatron-DeepSpeed version (before or after PR #441) cannot be told"
 
 
-def resolve(args, requested, kv_heads, tp, sub_params=False):
+def resolve(args: object, requested: str, kv_heads: int, tp: int, sub_params: bool = False) -> tuple[str, str]:
     """(layout, why): the layout to read and write the fused QKV with, or raise when it cannot be told.
 
     `sub_params`: the universal_checkpoint_info described the QKV as [Q; K; V] sub-parameters, which
@@ -61,7 +61,7 @@ def resolve(args, requested, kv_heads, tp, sub_params=False):
     return layout, why
 
 
-def describe(args, kv_heads, tp, sub_params=False):
+def describe(args: object, kv_heads: int, tp: int, sub_params: bool = False) -> str:
     """One line for `inspect`: the layout auto-detection finds, or why it cannot."""
     try:
         layout, why = resolve(args, AUTO, kv_heads, tp, sub_params)

@@ -6,6 +6,8 @@ safetensors library lays them out (larger items first, then by name).
 
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -19,11 +21,11 @@ DTYPES = {"float64": ("F64", 8), "float32": ("F32", 4), "bfloat16": ("BF16", 2),
 FLOATS = ("float64", "float32", "bfloat16", "float16")
 
 
-def tensor_bytes(dtype, shape):
+def tensor_bytes(dtype: str, shape: Sequence[int]) -> int:
     return math.prod(shape) * DTYPES[dtype][1]
 
 
-def encode(array, dtype):
+def encode(array: np.ndarray, dtype: str) -> np.ndarray:
     """The little-endian bytes of a numpy array stored as torch dtype `dtype` (floats rounded as torch rounds)."""
     if dtype not in FLOATS:
         return np.ascontiguousarray(array).astype(np.dtype(array.dtype).newbyteorder("<"), copy=False)
@@ -36,7 +38,8 @@ def encode(array, dtype):
     return array.astype("<f8") if dtype == "float64" else array
 
 
-def write_safetensors(path, tensors, read, metadata=None, written=None):
+def write_safetensors(path: Path | str, tensors: Mapping[str, tuple[str, Sequence[int]]], read: Callable[[str], np.ndarray],
+                      metadata: dict[str, str] | None = None, written: Callable[[], object] | None = None) -> None:
     """Write `tensors` ({name: (dtype, shape)}) to `path`; read(name) gives each one's values as a numpy array,
     and written(), when given, is called once each tensor's bytes are written (to free what read it)."""
     order = sorted(tensors, key=lambda name: (-DTYPES[tensors[name][0]][1], name))

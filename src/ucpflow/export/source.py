@@ -6,16 +6,24 @@ Parameter names are those of Megatron-DeepSpeed's GPTModelPipe (`tied_modules.em
 without pipeline parallelism (`language_model.encoder.layers.{i}....`).
 """
 
+from __future__ import annotations
+
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import ptfile
 from ..errors import CheckpointError
 from ..tables import FP32_FILE, ZERO, read_parameters
 from . import qkv_layout
 from .tensors import QKV_BLOCKS, QKV_PER_GROUP, QKV_PER_SLICE
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WORD_EMBEDDINGS = "word_embeddings"
 POSITION_EMBEDDINGS = "position_embeddings"
@@ -55,39 +63,39 @@ class SourceModel:
     weights: tuple
     requested_qkv_layout: str = qkv_layout.AUTO  # config key megatron_qkv_layout
 
-    def arg(self, name):
+    def arg(self, name: str) -> Any:
         if hasattr(self.args, name):
             return getattr(self.args, name)
         return _MEGATRON_DEFAULTS[name]
 
     @property
-    def num_layers(self):
+    def num_layers(self) -> int:
         return int(self.args.num_layers)
 
     @property
-    def heads(self):
+    def heads(self) -> int:
         return int(self.args.num_attention_heads)
 
     @property
-    def kv_heads(self):
+    def kv_heads(self) -> int:
         return int(getattr(self.args, "num_key_value_heads", None) or self.heads)
 
     @property
-    def hidden(self):
+    def hidden(self) -> int:
         return int(self.args.hidden_size)
 
     @property
-    def head_dim(self):
+    def head_dim(self) -> int:
         return self.hidden // self.heads
 
     @property
-    def dtype(self):
+    def dtype(self) -> str:
         """The training dtype: bf16, fp16 or fp32."""
         if getattr(self.args, "bf16", False):
             return "bf16"
         return "fp16" if getattr(self.args, "fp16", False) else "fp32"
 
-    def weight(self, role, name=None, layer=-1):
+    def weight(self, role: str, name: str | None = None, layer: int = -1) -> Weight:
         for weight in self.weights:
             if weight.role == role and weight.layer == layer and (name is None or weight.name == name):
                 return weight
@@ -95,32 +103,32 @@ class SourceModel:
         raise CheckpointError(f"The universal checkpoint has no {what} parameter{f' in layer {layer}' if layer >= 0 else ''}.")
 
     @property
-    def vocab(self):
+    def vocab(self) -> int:
         """Rows of the word embeddings without padding (the universal checkpoint drops it)."""
         return self.weight(WORD_EMBEDDINGS).shape[0]
 
-    def layer_weights(self, layer):
+    def layer_weights(self, layer: int) -> list[Weight]:
         return [weight for weight in self.weights if weight.role == LAYER and weight.layer == layer]
 
     @property
-    def source_tp(self):
+    def source_tp(self) -> int:
         return int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
 
     @property
-    def qkv_sub_params(self):
+    def qkv_sub_params(self) -> bool:
         return any(weight.merge == SUB_PARAMS_MERGE for weight in self.weights)
 
     @property
-    def qkv_layout(self):
+    def qkv_layout(self) -> tuple[str, str]:
         """(layout, why): how each tensor-parallel slice of the model's fused QKV is laid out (qkv_layout module)."""
         return qkv_layout.resolve(self.args, self.requested_qkv_layout, self.kv_heads, self.source_tp,
                                   self.qkv_sub_params)
 
     @property
-    def has_output_layer(self):
+    def has_output_layer(self) -> bool:
         return any(weight.role == OUTPUT_LAYER for weight in self.weights)
 
-    def qkv_order(self, weight):
+    def qkv_order(self, weight: Weight) -> str:
         """The row order of a fused QKV in the universal checkpoint (QKV_PER_SLICE: over source_tp slices)."""
         if weight.merge == SUB_PARAMS_MERGE:
             return QKV_BLOCKS
@@ -130,13 +138,13 @@ class SourceModel:
         return QKV_PER_SLICE if self.qkv_layout[0] == qkv_layout.PER_SLICE else QKV_PER_GROUP
 
 
-def load_plan(path):
+def load_plan(path: Path | str) -> dict[str, Any]:
     """An export plan written by the plan job (JSON)."""
     with open(path) as handle:
         return json.load(handle)
 
 
-def universal_path(universal_folder, param):
+def universal_path(universal_folder: str, param: str) -> str:
     return os.path.join(universal_folder, ZERO, param, FP32_FILE)
 
 
@@ -145,7 +153,7 @@ def _stored_tensor(path):
     return stored["param"] if isinstance(stored, dict) else stored  # ZeRO-3 without TP: a bare flat tensor
 
 
-def read_full(universal_folder, param, shape):
+def read_full(universal_folder: str, param: str, shape: Sequence[int]) -> np.ndarray:
     """The full fp32 weight of a universal parameter as a numpy array of its shape."""
     return _stored_tensor(universal_path(universal_folder, param)).read_array().reshape(shape)
 
@@ -170,7 +178,7 @@ def _role(param):
     return None
 
 
-def classify_parameters(names):
+def classify_parameters(names: Iterable[str]) -> dict[str, tuple[str, int, str]]:
     """{param: (role, 0-based layer, name)}: transformer layers are numbered in the order of their
     pipeline (or layer) indices; the final layernorm is the bare `{index}.weight` after the last layer."""
     roles = {}
@@ -191,7 +199,8 @@ def classify_parameters(names):
     return {param: (role, number[index] if role == LAYER else -1, name) for param, (role, index, name) in roles.items()}
 
 
-def load_source(params_path, universal_folder, model_state_path, requested_qkv_layout=qkv_layout.AUTO):
+def load_source(params_path: str, universal_folder: str, model_state_path: str,
+                requested_qkv_layout: str | None = qkv_layout.AUTO) -> SourceModel:
     """The SourceModel of a universal checkpoint, from its index table and its copied model-states file."""
     state = ptfile.load(model_state_path)
     args = state.get("args") if isinstance(state, dict) else None

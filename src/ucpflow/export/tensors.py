@@ -19,7 +19,7 @@ QKV_BLOCKS = "blocks"  # [Q; K; V]: all query heads, all key heads, all value he
 QKV_PER_SLICE = "per_slice"  # one [Q; K; V] per tensor-parallel slice (Megatron-DeepSpeed PR #441 and later)
 
 
-def qkv_blocks_to_per_group(full, heads, kv_heads, head_dim):
+def qkv_blocks_to_per_group(full: np.ndarray, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
     """[Q; K; V] rows of a fused QKV weight or bias in Megatron's per-group order.
 
     With as many key/value heads as heads this is checkpoint version 3's [heads, 3, head_dim] order.
@@ -32,7 +32,7 @@ def qkv_blocks_to_per_group(full, heads, kv_heads, head_dim):
     return np.concatenate([queries, keys, values], axis=1).reshape(full.shape)
 
 
-def qkv_per_group_to_blocks(full, heads, kv_heads, head_dim):
+def qkv_per_group_to_blocks(full: np.ndarray, heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
     """The inverse of qkv_blocks_to_per_group."""
     group, rest = heads // kv_heads, full.shape[1:]
     grouped = full.reshape(kv_heads, (group + 2) * head_dim, *rest)
@@ -42,7 +42,7 @@ def qkv_per_group_to_blocks(full, heads, kv_heads, head_dim):
     return np.concatenate([queries, keys, values])
 
 
-def qkv_per_slice_to_blocks(full, heads, kv_heads, head_dim, slices):
+def qkv_per_slice_to_blocks(full: np.ndarray, heads: int, kv_heads: int, head_dim: int, slices: int) -> np.ndarray:
     """[Q; K; V] rows from the concatenation of `slices` tensor-parallel slices, each its own [Q; K; V]."""
     q_rows, kv_rows = heads * head_dim // slices, kv_heads * head_dim // slices
     pieces = full.reshape(slices, q_rows + 2 * kv_rows, *full.shape[1:])
@@ -51,7 +51,7 @@ def qkv_per_slice_to_blocks(full, heads, kv_heads, head_dim, slices):
                            pieces[:, q_rows + kv_rows:].reshape(-1, *full.shape[1:])])
 
 
-def qkv_blocks_to_per_slice(full, heads, kv_heads, head_dim, slices):
+def qkv_blocks_to_per_slice(full: np.ndarray, heads: int, kv_heads: int, head_dim: int, slices: int) -> np.ndarray:
     """The inverse of qkv_per_slice_to_blocks."""
     q_rows, kv_rows, rest = heads * head_dim, kv_heads * head_dim, full.shape[1:]
     queries = full[:q_rows].reshape(slices, -1, *rest)
@@ -60,7 +60,8 @@ def qkv_blocks_to_per_slice(full, heads, kv_heads, head_dim, slices):
     return np.concatenate([queries, keys, values], axis=1).reshape(full.shape)
 
 
-def qkv_to_blocks(full, order, heads, kv_heads, head_dim, slices=1):
+def qkv_to_blocks(full: np.ndarray, order: str, heads: int, kv_heads: int, head_dim: int,
+                  slices: int = 1) -> np.ndarray:
     """[Q; K; V] rows of a fused QKV stored in `order` (QKV_PER_SLICE: over `slices` source slices)."""
     if order == QKV_PER_GROUP:
         return qkv_per_group_to_blocks(full, heads, kv_heads, head_dim)
@@ -69,7 +70,8 @@ def qkv_to_blocks(full, order, heads, kv_heads, head_dim, slices=1):
     return full
 
 
-def qkv_from_blocks(full, order, heads, kv_heads, head_dim, slices=1):
+def qkv_from_blocks(full: np.ndarray, order: str, heads: int, kv_heads: int, head_dim: int,
+                    slices: int = 1) -> np.ndarray:
     """[Q; K; V] rows in `order`; for the two Megatron layouts, cut into `slices` equal pieces, each rank's."""
     if order == QKV_PER_GROUP:
         return qkv_blocks_to_per_group(full, heads, kv_heads, head_dim)
@@ -78,13 +80,13 @@ def qkv_from_blocks(full, order, heads, kv_heads, head_dim, slices=1):
     return full
 
 
-def padded_vocab_size(vocab, divisible_by, tp):
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
     """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * tensor-parallel degree."""
     multiple = divisible_by * tp
     return -(-vocab // multiple) * multiple
 
 
-def pad_rows(full, rows):
+def pad_rows(full: np.ndarray, rows: int) -> np.ndarray:
     """`full` with zero rows appended up to `rows` rows (the vocabulary padding)."""
     if rows < full.shape[0]:
         raise ValueError(f"cannot pad {full.shape[0]} rows to {rows}")
@@ -99,7 +101,7 @@ def _equal_piece(full, axis, rank, tp):
     return np.take(full, range(rank * width, (rank + 1) * width), axis=axis)
 
 
-def tensor_parallel_piece(full, split, rank, tp):
+def tensor_parallel_piece(full: np.ndarray, split: str, rank: int, tp: int) -> np.ndarray:
     """The part of a full weight that tensor-parallel rank `rank` of `tp` holds (QKV in per-group order,
     vocabulary already padded)."""
     if split == REPLICATED:
@@ -114,7 +116,7 @@ def tensor_parallel_piece(full, split, rank, tp):
     raise ValueError(f"unknown tensor-parallel split {split!r}")
 
 
-def saved_tensor(array, dtype):
+def saved_tensor(array: np.ndarray, dtype: str) -> ptfile.ArrayTensor:
     """A float32 array as a ptfile tensor of `dtype` (fp32, bf16, fp16), rounded as torch rounds."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     if dtype == "bf16":

@@ -15,9 +15,13 @@ what the universal conversion leaves out at ZeRO-3 (frozen parameters, buffers) 
 files. Shard jobs import neither torch nor transformers and hold one tensor at a time.
 """
 
+from __future__ import annotations
+
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +35,10 @@ from ..tables import FORMAT_MODULE, IndexFiles, Layout, Parameter, read_paramete
 from .hf_common import GENERATION_CONFIG_FILE, parse_size, save_order
 from .safetensors_out import FLOATS, write_safetensors
 
+if TYPE_CHECKING:
+    import torch
+    import transformers
+
 SOURCE = "transformers"
 OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -41,7 +49,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MERGED, FRAGMENTS, MODULE = "merged", "fragments", "module"
 
 
-def float_array(tensor):
+def float_array(tensor: ptfile.TensorRef) -> np.ndarray:
     """A checkpoint tensor's values as numpy (floats as float32; bfloat16 read from its bits)."""
     array = tensor.read_array()
     if tensor.dtype == "bfloat16":
@@ -49,7 +57,8 @@ def float_array(tensor):
     return array.astype(np.float32) if tensor.dtype in FLOATS else array
 
 
-def checkpoint_tensors(layout: Layout, params: list[Parameter]):
+def checkpoint_tensors(layout: Layout, params: list[Parameter]
+                       ) -> tuple[dict[str, dict[str, Any]], set[str], dict[str, str], dict[str, Any]]:
     """({name: source}, frozen names, {name: shared with}) of every tensor the checkpoint holds."""
     state = ptfile.load(layout.model_files[0])
     buffers = set(state.get("buffer_names") or ())
@@ -67,7 +76,7 @@ def checkpoint_tensors(layout: Layout, params: list[Parameter]):
     return sources, frozen, dict(state.get("shared_params") or {}), state
 
 
-def training_dtype(state):
+def training_dtype(state: Mapping[str, Any]) -> str:
     module = state.get("module") or {}
     for tensor in module.values():
         if isinstance(tensor, ptfile.TensorRef) and tensor.dtype in FLOATS:
@@ -75,7 +84,7 @@ def training_dtype(state):
     return "float32"
 
 
-def meta_model(config):
+def meta_model(config: transformers.PreTrainedConfig) -> transformers.PreTrainedModel:
     """The model of `config` on the meta device (its architecture class, else AutoModelForCausalLM)."""
     import torch
     import transformers
@@ -88,7 +97,7 @@ def meta_model(config):
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def saved_state_dict(model):
+def saved_state_dict(model: transformers.PreTrainedModel) -> dict[str, torch.Tensor]:
     """The tensors save_pretrained writes: the state dict without tied copies, in the order of a model that
     from_pretrained loaded (sorted by name part by part), which decides the sharding."""
     from transformers.core_model_loading import revert_weight_conversion
@@ -101,7 +110,8 @@ def saved_state_dict(model):
     return dict(sorted(state_dict.items(), key=lambda item: save_order(item[0])))
 
 
-def generation_config(config_folder, model, config):
+def generation_config(config_folder: Path | str, model: transformers.PreTrainedModel,
+                      config: transformers.PreTrainedConfig) -> dict[str, Any]:
     path = Path(config_folder) / GENERATION_CONFIG_FILE
     if path.is_file():
         return json.loads(path.read_text())
@@ -110,7 +120,8 @@ def generation_config(config_folder, model, config):
     return json.loads(GenerationConfig.from_model_config(config).to_json_string(use_diff=True))
 
 
-def transformers_plan(config_folder, layout, params, hf_dtype, exclude_frozen, max_shard_size):
+def transformers_plan(config_folder: str, layout: Layout, params: list[Parameter], hf_dtype: str, exclude_frozen: bool,
+                      max_shard_size: int | str) -> dict[str, Any]:
     import torch
     import transformers
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -156,7 +167,7 @@ def transformers_plan(config_folder, layout, params, hf_dtype, exclude_frozen, m
 
 
 def plan_job(config_folder: str, layout: Layout, params_path: str, hf_dtype: str, exclude_frozen: bool,
-             max_shard_size) -> dict:
+             max_shard_size: int | str) -> dict:
     plan = transformers_plan(config_folder, layout, read_parameters(params_path), hf_dtype, exclude_frozen,
                              max_shard_size)
     print(f"{plan['model']} from {Path(config_folder) / CONFIG_FILE}: {len(plan['tensors'])} tensors, "
@@ -164,7 +175,7 @@ def plan_job(config_folder: str, layout: Layout, params_path: str, hf_dtype: str
     return plan
 
 
-def tensor_values(merger, spec):
+def tensor_values(merger: BucketMerger, spec: Mapping[str, Any]) -> np.ndarray:
     """One planned tensor's values, of its shape, as numpy (floats as float32)."""
     shape = spec["shape"]
     if spec["kind"] == MERGED:
@@ -194,7 +205,7 @@ def shard_job(plan: dict, stem: str, output: str, index: IndexFiles, map_paths: 
     print(f"{output}: {len(names)} tensors")
 
 
-def finalize_job(plan, generation_config_output, config_output):
+def finalize_job(plan: Mapping[str, Any], generation_config_output: str, config_output: str) -> None:
     """Tokenizer files and generation_config.json, then config.json last."""
     folder = Path(config_output).parent
     for source in plan["copy_files"]:
@@ -204,5 +215,5 @@ def finalize_job(plan, generation_config_output, config_output):
     print(f"{folder}: {plan['model']}, {len(plan['copy_files'])} tokenizer file(s) copied")
 
 
-def is_transformers_plan(plan):
+def is_transformers_plan(plan: Mapping[str, Any]) -> bool:
     return plan.get("source") == SOURCE

@@ -20,6 +20,8 @@ import datetime
 import math
 import os
 import pathlib
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -107,16 +109,16 @@ MEGATRON = {
 ALLOWED = frozenset(TORCH | PYTHON | NUMPY | DEEPSPEED | MEGATRON)
 
 
-def user_allowed():
+def user_allowed() -> frozenset[str]:
     """The globals the user allowed by name (config `allow_globals`, passed on to every job)."""
     return frozenset(name for name in os.environ.get(ENVIRONMENT_VARIABLE, "").split(",") if name)
 
 
-def is_allowed(name):
+def is_allowed(name: str) -> bool:
     return name in ALLOWED or name in user_allowed()
 
 
-def configure(names):
+def configure(names: Iterable[str]) -> None:
     """Allow `names` in this process and the jobs it starts (what config `allow_globals` does)."""
     os.environ[ENVIRONMENT_VARIABLE] = ",".join(sorted(set(names)))
 
@@ -167,7 +169,7 @@ def _np_scalar(dtype, data=None):
     return _np_multiarray.scalar(dtype, data) if data is not None else _np_multiarray.scalar(dtype)
 
 
-def real_callables():
+def real_callables() -> dict[tuple[str, str], Callable[..., Any]]:
     """{(module, name): callable} of the allowed globals that ptfile imports (all others are stand-ins)."""
     # Real types: they appear as values (a defaultdict's factory), and build at most what the pickle holds.
     table = {("builtins", name): getattr(builtins, name) for name in "set frozenset list tuple dict".split()}

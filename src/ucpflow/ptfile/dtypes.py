@@ -2,6 +2,7 @@
 bfloat16 conversions, and `DType`, the stand-in for a torch dtype named in a pickle."""
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 # torch dtype name -> (itemsize, numpy dtype of the raw elements, legacy typed-storage class).
 # bfloat16 and the float8 types have no numpy equivalent and are read as their raw bits.
@@ -48,12 +49,12 @@ def _dtype_info(name):
         raise ValueError(f"unsupported torch dtype name {name!r}") from None
 
 
-def numpy_dtype(name):
+def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype that holds the raw elements of torch dtype `name` (bfloat16 -> uint16 bits)."""
     return np.dtype(_dtype_info(name)[1])
 
 
-def bfloat16_bits_to_float32(bits):
+def bfloat16_bits_to_float32(bits: ArrayLike) -> np.ndarray:
     """Exact float32 values of bfloat16 elements given as uint16 bits."""
     bits = np.asarray(bits)
     if bits.dtype != np.uint16:
@@ -61,7 +62,7 @@ def bfloat16_bits_to_float32(bits):
     return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)
 
 
-def float32_to_bfloat16_bits(values):
+def float32_to_bfloat16_bits(values: ArrayLike) -> np.ndarray:
     """Round float32 values to bfloat16 bits as `tensor.to(torch.bfloat16)` does: to nearest, ties
     to even, every NaN becoming 0xFFFF."""
     values = np.asarray(values)
@@ -90,7 +91,7 @@ class DType:
         self.name = name
 
     @property
-    def itemsize(self):
+    def itemsize(self) -> int:
         return _DTYPES[self.name][0]
 
     def __eq__(self, other):

@@ -7,11 +7,14 @@
 * `refusal` words what was found as one sentence, and `bounded_repr` prints a value within a budget.
 """
 
+from __future__ import annotations
+
 import argparse
 import collections
 import contextlib
 import resource
 import threading
+from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from . import allowlist
 from .dtypes import DType
@@ -25,7 +28,7 @@ MEMORY_BASE = 512 << 20
 
 
 @contextlib.contextmanager
-def memory_cap(pickle_bytes):
+def memory_cap(pickle_bytes: int) -> Iterator[None]:
     """Cap the process's address space while a pickle of `pickle_bytes` is unpickled: a hostile memo index
     (the unpickler sizes its memo table by it), a byte count larger than the pickle or a pickled call
     asking for gigabytes then fails with MemoryError instead of exhausting the machine. The cap is for the
@@ -51,7 +54,7 @@ def memory_cap(pickle_bytes):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def global_name(obj):
+def global_name(obj: object) -> str | None:
     """`module.qualname` of a ptfile stand-in (an Opaque class or instance), else None."""
     cls = obj if isinstance(obj, type) else type(obj)
     module = cls.__dict__.get("opaque_module") if hasattr(cls, "opaque_module") else None
@@ -93,7 +96,7 @@ def _too_deep(path):
     return f"a structure nested more than {MAX_DEPTH} levels deep (at {path.lstrip('.')[:200]})"
 
 
-def check_structure(root, wanted):
+def check_structure(root: object, wanted: Collection[str | None]) -> tuple[dict[str, str], str | None]:
     """({global: key path} of the stand-ins named in `wanted` found in `root`, or a phrase when `root`
     nests deeper than MAX_DEPTH). Each object is visited once, so shared structures cost their size;
     key paths are only built when something is wanted."""
@@ -145,7 +148,7 @@ class Finding(tuple):
     key = property(lambda self: self[1])
     name = property(lambda self: self[2])
 
-    def phrase(self, with_file=True):
+    def phrase(self, with_file: bool = True) -> str:
         where = f" in {self.file}" if with_file else ""
         return f"`{self.name}` at key {self.key}{where}"
 
@@ -156,7 +159,7 @@ ADVICE = (
 )
 
 
-def refusal(findings):
+def refusal(findings: Sequence[Finding]) -> str:
     """One sentence naming every finding (the first few, and how many more)."""
     files = {finding.file for finding in findings}
     with_file = len(files) > 1
@@ -167,11 +170,11 @@ def refusal(findings):
     return f"{subject} hold{'s' if not with_file else ''} {noun} outside ucpflow's allowlist: {named}{more}; {ADVICE}."
 
 
-def untrusted_names(names):
+def untrusted_names(names: Iterable[str]) -> list[str]:
     return [name for name in names if not allowlist.is_allowed(name)]
 
 
-def bounded_repr(value, limit=120):
+def bounded_repr(value: object, limit: int = 120) -> str:
     """repr(value) cut at about `limit` characters, built within that budget (a structure whose parts
     the pickle memo shares can repr to terabytes)."""
     out, budget = [], [limit + 1]

@@ -1,7 +1,11 @@
 """Stand-ins for globals that are not imported: `Opaque` classes and instances, which remember how
 the pickle built them so that `save` can emit the same global again."""
 
+from __future__ import annotations
+
 import reprlib
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class _OpaqueClass(type):
@@ -45,10 +49,10 @@ class Opaque(metaclass=_OpaqueClass):
     def __setstate__(self, state):
         self.opaque_state = state
 
-    def append(self, item):
+    def append(self, item: object) -> None:
         self.extend([item])
 
-    def extend(self, items):
+    def extend(self, items: Iterable[object]) -> None:
         if "opaque_items" not in self.__dict__:
             self.opaque_items = []
         self.opaque_items.extend(items)
@@ -101,7 +105,7 @@ def _opaque_class(module, qualname):
     return _opaque_classes[key]
 
 
-def opaque_instance(module, qualname, state):
+def opaque_instance(module: str, qualname: str, state: Mapping[str, Any]) -> Opaque:
     """An instance of the (not imported) class `module.qualname` with `state` as its __dict__, as
     pickle protocol 2 records a plain object or dataclass; `save` writes it as the real class."""
     obj = _opaque_class(module, qualname)()

@@ -1,10 +1,16 @@
 """Reading a checkpoint's zip container: checks on the file and its records, then `load`."""
 
+from __future__ import annotations
+
 import os
 import zipfile
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from .unpickler import UntrustedGlobalError, _Reader
+
+if TYPE_CHECKING:
+    from .guard import Finding
 
 _LEGACY_MAGIC = b"l\xfc\x9cF\xf9 j\xa8P\x19"  # pickled magic number that starts pre-1.6 files
 
@@ -17,7 +23,7 @@ def _open_error(path, exc):
     return CheckpointError(f"Checkpoint file {path} cannot be read: {exc.strerror or exc}.")
 
 
-def load(path, findings=None):
+def load(path: str | os.PathLike[str], findings: list[Finding] | None = None) -> Any:
     """The object pickled in checkpoint `path`, with tensors as `TensorRef` (no tensor data is read).
 
     Raises CheckpointError when the file is missing, not a PyTorch zip checkpoint, truncated,

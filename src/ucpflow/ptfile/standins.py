@@ -28,11 +28,11 @@ class Device:
         self.args = args
 
     @property
-    def type(self):
+    def type(self) -> str:
         return str(self.args[0]).split(":")[0]
 
     @property
-    def index(self):
+    def index(self) -> int | None:
         if len(self.args) > 1:
             return self.args[1]
         _, _, index = str(self.args[0]).partition(":")
@@ -98,14 +98,14 @@ class StorageRef:
         self.record_size = record_size
 
     @property
-    def itemsize(self):
+    def itemsize(self) -> int:
         return _DTYPES[self.dtype][0]
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.numel * self.itemsize
 
-    def read(self, start=0, count=None):
+    def read(self, start: int = 0, count: int | None = None) -> np.ndarray:
         """Elements [start, start+count) of the storage as a 1-D numpy array."""
         count = self.numel - start if count is None else count
         if start < 0 or count < 0 or start + count > self.numel:
@@ -163,28 +163,28 @@ class TensorRef:
         return TensorRef(**fields)
 
     @property
-    def path(self):
+    def path(self) -> str:
         return self.storage.path
 
     @property
-    def numel(self):
+    def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
-    def itemsize(self):
+    def itemsize(self) -> int:
         return _DTYPES[self.dtype][0]
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.numel * self.itemsize
 
     @property
-    def byte_offset(self):
+    def byte_offset(self) -> int:
         """Absolute file offset of element 0."""
         return self.storage.byte_offset + self.storage_offset * self.itemsize
 
     @property
-    def is_contiguous(self):
+    def is_contiguous(self) -> bool:
         """Same rule as `torch.Tensor.is_contiguous()`: row-major, ignoring dimensions of size 1."""
         if self.numel == 0:
             return True
@@ -196,7 +196,7 @@ class TensorRef:
                 expected *= size
         return True
 
-    def read(self, start=0, count=None):
+    def read(self, start: int = 0, count: int | None = None) -> np.ndarray:
         """Flat elements [start, start+count) of a contiguous tensor as a 1-D numpy array.
 
         Reads exactly those bytes from the file. bfloat16 comes back as uint16 bits.
@@ -208,7 +208,7 @@ class TensorRef:
             raise ValueError(f"elements [{start}, {start + count}) are outside a tensor of {self.numel} elements")
         return _read_elements(self.path, self.byte_offset + start * self.itemsize, self.dtype, count)
 
-    def read_array(self):
+    def read_array(self) -> np.ndarray:
         """The whole tensor as a numpy array of its shape (non-contiguous views are gathered)."""
         if self.numel == 0:
             return np.empty(self.shape, dtype=numpy_dtype(self.dtype))
@@ -246,11 +246,11 @@ class ArrayTensor:
         self.array, self.dtype, self.shape = array, dtype, shape
 
     @property
-    def numel(self):
+    def numel(self) -> int:
         return self.array.size
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.array.nbytes
 
     def __repr__(self):

@@ -114,7 +114,7 @@ def _archive_name(path):
     return stem or "archive"
 
 
-def save(obj, path, atomic=True):
+def save(obj: object, path: str | os.PathLike[str], atomic: bool = True) -> None:
     """Write `obj` to `path` as a torch.save checkpoint that `torch.load` reads back equal.
 
     `obj` may hold plain Python containers and scalars, `Size`, `DType`, `Device`, `Opaque`,

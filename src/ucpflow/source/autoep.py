@@ -12,14 +12,21 @@ ZeRO-3's partition-native format has no per-expert files: each rank's own `ds_au
 its EP rank, expert-data-parallel rank and the placement of the experts it holds.
 """
 
+from __future__ import annotations
+
 import glob
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ..tables import Layout, Shape
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
 # What ds_to_universal writes into the copied model-state files of a ZeRO-1/2 conversion.
@@ -32,7 +39,7 @@ EXPERT_FILE = "layer_{layer}_expert_{expert}_mp_rank_*_model_states.pt"
 LAYER_FIELDS = ("moe_layer_id", "module_path") + tuple(C.AUTOEP_ZERO12_REQUIRED_FIELDS)
 
 
-def autoep_metadata(structure):
+def autoep_metadata(structure: object) -> Any:
     if not isinstance(structure, dict):
         return None
     found = structure.get(C.AUTOEP_LAYERS_KEY)
@@ -43,7 +50,7 @@ def _lightweight(layer):
     return {key: layer[key] for key in LAYER_FIELDS if key in layer} if isinstance(layer, dict) else None
 
 
-def aggregate_metadata(model_meta):
+def aggregate_metadata(model_meta: Iterable[tuple[str, dict]]) -> tuple[list[dict] | None, bool]:
     """(layers, use_data_before_expert_parallelism): every file's `ds_autoep_layers`, one entry per
     expert_key_prefix, as ds_to_universal's `_aggregate_autoep_zero12_metadata`; layers is None without AutoEP."""
     by_prefix, source, ordering = {}, {}, set()
@@ -77,7 +84,7 @@ def _positive(layer, key, prefix):
     return value
 
 
-def experts_by_rank(layer, prefix):
+def experts_by_rank(layer: Mapping[str, Any], prefix: str) -> list[list[int]]:
     """The global expert ids each EP rank holds: contiguous blocks of num_local_experts (DeepSpeed's
     ZeRO-1/2 conversion reads no placement map)."""
     num_experts, ep_size = _positive(layer, C.AUTOEP_NUM_EXPERTS, prefix), _positive(layer, C.AUTOEP_EP_SIZE, prefix)
@@ -90,7 +97,7 @@ def experts_by_rank(layer, prefix):
     return [list(range(rank * local, (rank + 1) * local)) for rank in range(ep_size)]
 
 
-def expert_dp_ranks(ep_rank, dp_degree, ep_size, use_data_before_expert_parallel):
+def expert_dp_ranks(ep_rank: int, dp_degree: int, ep_size: int, use_data_before_expert_parallel: bool) -> list[int]:
     """The ZeRO data-parallel ranks whose partitions hold one EP rank's experts, in order."""
     if dp_degree % ep_size:
         raise CheckpointError(f"ZeRO DP degree {dp_degree} is not divisible by AutoEP size {ep_size}.")
@@ -100,7 +107,8 @@ def expert_dp_ranks(ep_rank, dp_degree, ep_size, use_data_before_expert_parallel
     return list(range(ep_rank, dp_degree, ep_size))
 
 
-def expert_params(layout, model_meta, slice_shapes):
+def expert_params(layout: Layout, model_meta: Iterable[tuple[str, dict]],
+                  slice_shapes: Mapping[str, Sequence[Shape | None]]) -> dict[str, dict[str, Any]]:
     """{parameter name: plan} for every fused expert parameter of a ZeRO-1/2 AutoEP checkpoint (empty
     without AutoEP); each plan says how its universal tensor is put together from the dp fragments."""
     layers, data_first = aggregate_metadata(model_meta)
@@ -132,7 +140,7 @@ def expert_params(layout, model_meta, slice_shapes):
     return plans
 
 
-def is_partitioned(layers):
+def is_partitioned(layers: object) -> bool:
     """Whether `ds_autoep_layers` describes DeepSpeed's ZeRO-3 partition-native expert format."""
     return isinstance(layers, list) and any(
         isinstance(layer, dict)
@@ -141,7 +149,7 @@ def is_partitioned(layers):
     )
 
 
-def zero3_expert_params(layout, model_meta):
+def zero3_expert_params(layout: Layout, model_meta: Iterable[tuple[str, dict]]) -> dict[str, dict[str, Any]]:
     """{parameter name: plan} of a ZeRO-3 partition-native AutoEP checkpoint, as ds_to_universal's
     `_consolidate_zero3_autoep_expert_states`: each rank file's own layers say which EP rank and which
     expert-data-parallel rank its expert partitions belong to."""
@@ -183,7 +191,7 @@ def zero3_expert_params(layout, model_meta):
     return plans
 
 
-def experts_by_placement(layer, name):
+def experts_by_placement(layer: Mapping[str, Any], name: str) -> list[list[int]]:
     """The global experts of each EP rank in its local packed order, from the layer's `expert_placement`."""
     placement = layer.get(C.AUTOEP_EXPERT_PLACEMENT)
     if placement is None:
@@ -197,7 +205,7 @@ def experts_by_placement(layer, name):
     return ranks
 
 
-def check_expert_files(folder, layer, prefix):
+def check_expert_files(folder: str, layer: Mapping[str, Any], prefix: str) -> None:
     """Each expert of the layer has exactly one per-expert file holding its w1/w2/w3, as DeepSpeed requires."""
     layer_id = layer.get("moe_layer_id")
     for expert in range(layer[C.AUTOEP_NUM_EXPERTS]):
@@ -213,7 +221,7 @@ def check_expert_files(folder, layer, prefix):
                 raise CheckpointError(f"Expected key '{prefix}.{weight}.{expert}' not found in {matches[0]}.")
 
 
-def universal_model_state(source):
+def universal_model_state(source: str) -> dict | None:
     """The model-state file ds_to_universal writes for `source` of a ZeRO-1/2 AutoEP checkpoint: its
     `universal_checkpoint_info` with the expert patterns and the layers of all model-state files; None
     for a checkpoint without AutoEP (the file is copied as it is)."""
@@ -234,7 +242,7 @@ def universal_model_state(source):
     return structure
 
 
-def universal_model_state_digest(source, digest):
+def universal_model_state_digest(source: str, digest: Callable[[str], str]) -> str:
     """digest(path) of the model-state file a conversion writes for `source` (for `verify`)."""
     structure = universal_model_state(source)
     if structure is None:

@@ -196,7 +196,7 @@ def _module_fallback(layout, merged_names):
     return found
 
 
-def universal_info_for(layout, inject_missing_state, model_config=None):
+def universal_info_for(layout: Layout, inject_missing_state: bool, model_config: str | None = None) -> dict:
     info = layout.universal_info
     if layout.zero_stage <= 2 and info is None:
         transformers_config = None if inject_missing_state else find_model_config(layout.folder, model_config)
@@ -218,7 +218,7 @@ def universal_info_for(layout, inject_missing_state, model_config=None):
     return info
 
 
-def notice(message):
+def notice(message: str) -> None:
     """One line in the job's log and, when that is not the terminal, on the terminal too."""
     print(message)
     if sys.stdout is not sys.__stdout__ and sys.__stderr__ is not None:

@@ -2,6 +2,8 @@
 `checkpoint-N/config.json` beside the tag folder `checkpoint-N/global_stepN` (or in a folder above it),
 or the folder (or config.json) that config key `hf_config` names."""
 
+from __future__ import annotations
+
 import json
 from pathlib import Path
 
@@ -18,7 +20,7 @@ def _is_model_config(path):
         return False
 
 
-def find_model_config(tag_folder, explicit=None):
+def find_model_config(tag_folder: Path | str, explicit: Path | str | None = None) -> Path | None:
     """The folder holding the transformers config.json of the checkpoint in `tag_folder`, or None.
 
     `explicit` (config key hf_config: a folder or its config.json) wins and must hold a model config.
@@ -38,7 +40,7 @@ def find_model_config(tag_folder, explicit=None):
     return None
 
 
-def export_config_folder(tag_folder, explicit, megatron_model):
+def export_config_folder(tag_folder: Path | str, explicit: Path | str | None, megatron_model: bool) -> Path | None:
     """The folder of the transformers config.json that `snakemake hf` exports with, or None for a Megatron GPT
     model (its model states hold Megatron's `args`), whose export reads the universal output."""
     if explicit:

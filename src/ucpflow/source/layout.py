@@ -6,10 +6,13 @@ convert an incomplete folder (a missing data-parallel rank file just lowers its 
 layout is checked against the degrees the checkpoint itself records, and the problem is reported.
 """
 
+from __future__ import annotations
+
 import glob
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from .. import dsconst as C
 from .. import ptfile
@@ -23,11 +26,11 @@ ZERO3_RANKS_PATTERN = r"(?:bf16_)?zero_pp_rank_([0-9]+)_mp_rank_([0-9]+)"
 ZERO_PARTITION_GROUPS = "ds_zero_partition_groups"
 
 
-def natural_keys(text):
+def natural_keys(text: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def resolve_tag_folder(input_folder):
+def resolve_tag_folder(input_folder: Path | str) -> Path:
     """The folder holding the rank files: `input_folder` itself, or the tag named by its `latest` file."""
     folder = Path(input_folder)
     if not folder.exists():
@@ -48,28 +51,28 @@ def resolve_tag_folder(input_folder):
     )
 
 
-def load_structure(path):
+def load_structure(path: Path | str) -> Any:
     """A checkpoint file's pickled structure, tensors left on disk."""
     return ptfile.load(path)
 
 
-def has_megatron_args(structure):
+def has_megatron_args(structure: object) -> bool:
     """Whether a model-states structure holds Megatron's `args` (a Megatron-DeepSpeed GPT model's save)."""
     return hasattr(structure.get("args") if isinstance(structure, dict) else None, "num_layers")
 
 
-def optimizer_state_of(path, structure):
+def optimizer_state_of(path: Path | str, structure: object) -> dict:
     state = structure.get(C.OPTIMIZER_STATE_DICT) if isinstance(structure, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} has no `{C.OPTIMIZER_STATE_DICT}`: it is not a DeepSpeed optimizer-state file.")
     return state
 
 
-def zero_stage_of(path, structure):
+def zero_stage_of(path: Path | str, structure: object) -> int:
     return int(optimizer_state_of(path, structure).get(C.ZERO_STAGE, 1))
 
 
-def discover(input_folder):
+def discover(input_folder: Path | str) -> Layout:
     """Read the checkpoint's file set and metadata (never tensor data) into a Layout."""
     folder = resolve_tag_folder(input_folder)
     optim_files = sorted(glob.glob(str(folder / "*_optim_states.pt")), key=natural_keys)
@@ -284,6 +287,6 @@ def _discover_stage3(folder, optim_files, stage):
     )
 
 
-def is_expert_file(path):
+def is_expert_file(path: Path | str) -> bool:
     name = os.path.basename(path)
     return name.startswith(C.LAYER_FILE_PREFIX) and "_expert_" in name

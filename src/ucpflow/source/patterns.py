@@ -6,7 +6,9 @@ pattern counts as used only when DeepSpeed's code path would have consulted it.
 """
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .. import dsconst as C
 from ..errors import CheckpointError
@@ -43,11 +45,11 @@ def _field(entry, key):
     return entry[key] if isinstance(entry, dict) else getattr(entry, key)
 
 
-def sub_param_entries(info):
+def sub_param_entries(info: Mapping[str, Any]) -> list[Any]:
     return list(info.get(C.PARAMETER_WITH_SUB_PARAMS, []) or [])
 
 
-def all_patterns(info):
+def all_patterns(info: Mapping[str, Any]) -> set[str]:
     patterns = set()
     for key in CATEGORY_KEYS:
         patterns.update(info.get(key, []) or [])
@@ -71,12 +73,12 @@ def _sub_params_match(info, name):
     return None, None
 
 
-def affine_pattern(info, name):
+def affine_pattern(info: Mapping[str, Any], name: str) -> str | None:
     params = (info.get(C.AFFINE_MAP) or {}).get(C.AFFINE_MAP_PARAMS, {}) or {}
     return _single_match(list(params), name)
 
 
-def classify(info, name, has_slices=True):
+def classify(info: Mapping[str, Any], name: str, has_slices: bool = True) -> MergeRule:
     """The MergeRule DeepSpeed would apply to `name`, with the patterns its code path consumes."""
     consumed = set()
     sub_entry, sub_pattern = _sub_params_match(info, name)
@@ -114,7 +116,7 @@ def classify(info, name, has_slices=True):
     return MergeRule(COLUMN_PARALLEL, bool(vocab), consumed=frozenset(consumed))
 
 
-def unused_patterns(info, rules):
+def unused_patterns(info: Mapping[str, Any], rules: Iterable[MergeRule]) -> list[str]:
     used = set()
     for rule in rules:
         used |= rule.consumed

@@ -7,11 +7,15 @@ named by this signature, so any change to the input (a rewritten, added or remov
 naming another tag) re-derives the whole conversion instead of mixing old and new tables.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import CheckpointError
 from .layout import resolve_tag_folder
@@ -37,7 +41,7 @@ def _zip_entries(path):
         return "not-a-zip"
 
 
-def input_signature(input_folder, *settings):
+def input_signature(input_folder: Path | str, *settings: object) -> str:
     """Hex digest of the input files' identities and of `settings` (index options that change its tables)."""
     digest = hashlib.sha1()
     folder, tag = _tag_folder(input_folder)
@@ -59,11 +63,11 @@ def input_signature(input_folder, *settings):
     return digest.hexdigest()[:SIGNATURE_LENGTH]
 
 
-def is_signature(name):
+def is_signature(name: str) -> bool:
     return len(name) == SIGNATURE_LENGTH and all(c in "0123456789abcdef" for c in name)
 
 
-def derived_folder(work_folder):
+def derived_folder(work_folder: Path | str) -> Path:
     """The folder of `work_folder` that holds the index and maps of the input last indexed there."""
     folders = [entry for entry in Path(work_folder).iterdir() if entry.is_dir() and is_signature(entry.name)]
     if len(folders) != 1:
@@ -78,7 +82,7 @@ INDEX_FORMAT = 3
 INDEX_KEYS = ("strict", "inject_missing_state", "hf_config", "allow_globals", "merge_job_bytes", "merge_min_jobs")
 
 
-def workflow_signature(config, input_folder, builds_demo):
+def workflow_signature(config: Mapping[str, Any], input_folder: Path | str, builds_demo: bool) -> str:
     """The signature of the workflow's input as configured (the demo's identity is its build settings)."""
     settings = [INDEX_FORMAT, *(config[key] for key in INDEX_KEYS)]
     if builds_demo:

@@ -9,6 +9,7 @@ also checks that every storage record the merges will read is present and comple
 
 import mmap
 import os
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ def _flat_tensors_zero3(optim):
             yield f"{state}/{group}", value
 
 
-def flat_tensors(path, kind):
+def flat_tensors(path: str, kind: str) -> list[tuple[str, Any]]:
     structure = load(path)
     if kind == KIND_MODEL:
         return list((f"module/{name}", t) for name, t in (structure.get("module") or {}).items())
@@ -86,13 +87,13 @@ class FragmentReader:
             self._handles[path] = os.open(path, os.O_RDONLY)
         return self._handles[path]
 
-    def locate(self, path, key):
+    def locate(self, path: str, key: str) -> Located:
         try:
             return self.maps[path][key]
         except KeyError:
             raise CheckpointError(f"{path} has no tensor {key} although the index lists fragments in it.")
 
-    def read_into(self, target, path, key, offset):
+    def read_into(self, target: np.ndarray, path: str, key: str, offset: int) -> None:
         dtype, base, numel, _ = self.locate(path, key)
         if offset + target.size > numel:
             raise CheckpointError(f"{path}: a fragment of {key} runs past the end of the tensor.")
@@ -112,7 +113,7 @@ class FragmentReader:
                 self._mappings[path] = None
         return self._mappings[path]
 
-    def view(self, path, key, offset, numel):
+    def view(self, path: str, key: str, offset: int, numel: int) -> tuple[np.ndarray, str]:
         """(read-only array, dtype) of elements [offset, offset + numel) of a tensor, without copying."""
         dtype, base, total, _ = self.locate(path, key)
         if offset + numel > total:
@@ -127,20 +128,20 @@ class FragmentReader:
         self._touched.append((mapping, start, numel * array_dtype.itemsize))
         return np.frombuffer(mapping, dtype=array_dtype, count=numel, offset=start), dtype
 
-    def release(self):
+    def release(self) -> None:
         """Drop the mapped pages read so far from this process; they stay in the page cache."""
         for mapping, start, nbytes in self._touched:
             aligned = start - start % mmap.PAGESIZE
             mapping.madvise(mmap.MADV_DONTNEED, aligned, nbytes + start - aligned)
         self._touched.clear()
 
-    def read(self, path, key, offset, numel):
+    def read(self, path: str, key: str, offset: int, numel: int) -> tuple[np.ndarray, str]:
         dtype = self.locate(path, key)[0]
         out = np.empty(numel, dtype=ptfile.numpy_dtype(dtype))
         self.read_into(out, path, key, offset)
         return out, dtype
 
-    def value(self, path, key):
+    def value(self, path: str, key: str) -> Any:
         """A scalar state such as Adam's step: a 0-d ArrayTensor, or the plain Python value DeepSpeed stored."""
         dtype, _, _, plain = self.locate(path, key)
         if dtype is None:
@@ -148,7 +149,7 @@ class FragmentReader:
         data, dtype = self.read(path, key, 0, 1)
         return ArrayTensor(data.reshape(()), dtype)
 
-    def close(self):
+    def close(self) -> None:
         # A mapping closes itself once no array views it any more.
         self.release()
         self._mappings.clear()

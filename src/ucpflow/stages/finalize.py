@@ -10,7 +10,9 @@ interrupted writers, and every expected file must be present.
 import json
 import os
 import shutil
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .. import dsconst as C
 from .. import ptfile
@@ -61,7 +63,7 @@ def copy_model_state_job(source: str, output: str, output_folder: str) -> None:
         ptfile.save(structure, output)
 
 
-def remove_stale_entries(output_folder, parameters, copy_names):
+def remove_stale_entries(output_folder: Path | str, parameters: Collection[str], copy_names: Collection[str]) -> list[str]:
     """Remove what the current index does not make: other parameters, other model-states files, leftovers."""
     removed = []
     zero = Path(output_folder) / ZERO
@@ -77,7 +79,7 @@ def remove_stale_entries(output_folder, parameters, copy_names):
     return removed
 
 
-def check_complete(output_folder, parameters, copy_names):
+def check_complete(output_folder: Path | str, parameters: Mapping[str, Collection[str]], copy_names: Iterable[str]) -> None:
     missing = [f"{ZERO}/{name}/{file}" for name, files in parameters.items() for file in missing_files(
         Path(output_folder) / ZERO / name, files)]
     missing += [name for name in [f"{ZERO}/{OPTIMIZER_STATE_FILE}", *copy_names]
@@ -87,11 +89,12 @@ def check_complete(output_folder, parameters, copy_names):
         raise CheckpointError(f"The universal checkpoint {output_folder} lacks {shown}; run the same command again.")
 
 
-def folder_bytes(folder):
+def folder_bytes(folder: Path | str) -> int:
     return sum(entry.stat().st_size for entry in Path(folder).rglob("*") if entry.is_file())
 
 
-def finalize_job(output_folder, latest_path, params_path, copy_files, summary_path, keep_temp_folder):
+def finalize_job(output_folder: str, latest_path: str, params_path: str, copy_files: Iterable[str], summary_path: str,
+                 keep_temp_folder: bool) -> dict[str, Any]:
     parameters = parameter_files(params_path)
     copy_names = [os.path.basename(path) for path in copy_files]
     for entry in remove_stale_entries(output_folder, parameters, copy_names):
@@ -111,7 +114,7 @@ def finalize_job(output_folder, latest_path, params_path, copy_files, summary_pa
     return summary
 
 
-def summary_line(summary, seconds):
+def summary_line(summary: Mapping[str, Any], seconds: float) -> str:
     folder = summary["output_folder"]
     return (
         f"ucpflow: wrote {folder} ({summary['parameters']} parameters, {summary['bytes'] / 1e9:.2f} GB) "

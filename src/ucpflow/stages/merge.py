@@ -9,6 +9,8 @@ parameter's rule (`patterns.classify`). Every step reproduces `ds_to_universal.m
 
 import math
 import os
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,7 @@ from ..tables import (
     IndexFiles,
     IndexRecord,
     Parameter,
+    Shape,
     read_extraction,
     read_fragments,
     read_index_record,
@@ -71,7 +74,8 @@ def _cat_over_dp(reader, frags, name, state, shape):
     return Slice(out.reshape(shape), dtype)
 
 
-def tp_slices(reader, frags_by_tp, name, state, shapes, tp_degree, reshape=True):
+def tp_slices(reader: FragmentReader, frags_by_tp: Mapping[int, list[Fragment]], name: str, state: str,
+              shapes: Sequence[Shape | None], tp_degree: int, reshape: bool = True) -> list[Slice]:
     slices, empty = [], []
     for tp in range(tp_degree):
         frags = frags_by_tp.get(tp)
@@ -111,7 +115,7 @@ def _field(entry, key):
     return entry[key] if isinstance(entry, dict) else getattr(entry, key)
 
 
-def subparam_shape(patterns, shape, partition_dim):
+def subparam_shape(patterns: Sequence[str], shape: Sequence[Any], partition_dim: int) -> ptfile.Opaque:
     """DeepSpeed's SubparamShape dataclass, written as the real class without importing DeepSpeed."""
     return ptfile.opaque_instance(*SUBPARAM_SHAPE_CLASS, {"patterns": patterns, "shape": shape, "partition_dim": partition_dim})
 
@@ -191,7 +195,8 @@ def _affine(name, rule, slices, info, state):
     return affine_map.rebuild(pieces, SCALE_POWER_BY_STATE[state]).numpy()
 
 
-def merge_state(name, rule, state, slices, info, tp_degree):
+def merge_state(name: str, rule: MergeRule, state: str, slices: list[Slice], info: Mapping[str, Any],
+                tp_degree: int) -> dict[str, Any] | None:
     """The dict DeepSpeed saves for one state of one parameter, or None when it writes no file."""
     entries = {}
     if rule.kind == AFFINE:
@@ -261,7 +266,8 @@ def merged_weight(reader: FragmentReader, row: Parameter, frags: list[Fragment],
 
 
 def merge_states(reader: FragmentReader, row: Parameter, frags: list[Fragment], rule: MergeRule | None, info: dict,
-                 tp_degree: int, save, states=(STEP, *OPTIMIZER_STATES)) -> None:
+                 tp_degree: int, save: Callable[[str, Any], None],
+                 states: Collection[str] = (STEP, *OPTIMIZER_STATES)) -> None:
     """save(state, object) for each of `states` that the universal checkpoint holds for this parameter, in
     the order merge_parameter writes them (as DeepSpeed saves each state file)."""
     shapes = row.shapes

@@ -1,6 +1,8 @@
 """Merging an AutoEP fused expert parameter: every EP rank's experts into one [num_experts, ...] tensor per state."""
 
 import math
+from collections.abc import Callable, Collection
+from typing import Any
 
 import numpy as np
 
@@ -11,7 +13,8 @@ from ..tables import OPTIMIZER_STATES, STEP, Fragment, Parameter
 from .extract import FragmentReader
 
 
-def merge_expert_parameter(reader: FragmentReader, row: Parameter, frags: list[Fragment], save, states=None) -> None:
+def merge_expert_parameter(reader: FragmentReader, row: Parameter, frags: list[Fragment],
+                           save: Callable[[str, Any], None], states: Collection[str] | None = None) -> None:
     """Write fp32/exp_avg/exp_avg_sq/step (or those of them in `states`) of one fused expert parameter, as
     `consolidate_autoep_zero12_expert_states`."""
     name, plan = row.param, row.experts

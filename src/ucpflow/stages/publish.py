@@ -10,6 +10,7 @@ Snakemake removes it, so an interrupted run can publish from it again). A staged
 import errno
 import os
 import shutil
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -24,7 +25,7 @@ def parameter_files(params_path: str) -> dict[str, list[str]]:
     return {row.param: row.files for row in read_parameters(params_path)}
 
 
-def missing_files(folder, expected):
+def missing_files(folder: Path | str, expected: Collection[str]) -> list[str]:
     try:
         present = set(os.listdir(folder))
     except FileNotFoundError:
@@ -32,7 +33,7 @@ def missing_files(folder, expected):
     return [name for name in expected if name not in present]
 
 
-def incomplete_parameter_stamp(folder, expected):
+def incomplete_parameter_stamp(folder: Path | str, expected: Collection[str]) -> str:
     """A name for a published folder that lost one of its files (else ""): the time of its fp32.pt, so
     each loss asks for a fresh rerun. A missing folder or fp32.pt is Snakemake's own business."""
     try:
@@ -59,7 +60,8 @@ def _replace_folder(built, target):
     shutil.rmtree(old)
 
 
-def publish_parameter(staged_bucket, output_folder, name, expected, merge_again):
+def publish_parameter(staged_bucket: Path | str, output_folder: str, name: str, expected: Collection[str],
+                      merge_again: Callable[[str], object]) -> None:
     """Hard-link staged_bucket/<name>/ into OUT/zero/<name>/, or, when the staged copy is incomplete,
     call `merge_again(folder)` to write the parameter's files into `folder` first."""
     retract_latest_universal(output_folder)

@@ -8,6 +8,8 @@ but moving any element to another position changes the sum, so a wrong data-para
 tensor-parallel order, axis, transposition or sub-parameter interleave does not pass.
 """
 
+from __future__ import annotations
+
 import hashlib
 from dataclasses import dataclass
 
@@ -48,7 +50,7 @@ def _mixed_sum(z, scratch):
     return int(z.sum(dtype=np.uint64))
 
 
-def bits_of(array):
+def bits_of(array: np.ndarray) -> np.ndarray:
     """The raw bits of a numpy array's elements as unsigned integers (bfloat16 arrives as uint16 already)."""
     flat = np.ascontiguousarray(array).reshape(-1)
     return flat.view(f"u{flat.itemsize}") if flat.dtype.kind != "u" else flat
@@ -68,17 +70,17 @@ def _sum(array, block_positions):
     return Checksum(int(bits.size), total & _MASK)
 
 
-def position_sum(positions, array):
+def position_sum(positions: np.ndarray, array: np.ndarray) -> Checksum:
     """The Checksum of elements `array` (flat) placed at `positions` (non-negative, same length)."""
     return _sum(array, lambda start, stop: positions[start:stop].astype(np.uint64))
 
 
-def run_sum(first, array):
+def run_sum(first: int, array: np.ndarray) -> Checksum:
     """The Checksum of elements `array` (flat) at the consecutive positions first, first + 1, ..."""
     return _sum(array, lambda start, stop: np.arange(first + start, first + stop, dtype=np.uint64))
 
 
-def tensor_checksum(tensor):
+def tensor_checksum(tensor: ptfile.TensorRef) -> Checksum:
     """The Checksum of a tensor of a checkpoint file, each element at its row-major position."""
     if not tensor.is_contiguous:
         return run_sum(0, tensor.read_array())
@@ -88,7 +90,7 @@ def tensor_checksum(tensor):
     return result
 
 
-def tensor_text(tensor, checksum=None):
+def tensor_text(tensor: ptfile.TensorRef | ptfile.ArrayTensor, checksum: Checksum | None = None) -> str:
     """dtype, shape and checksum of a TensorRef or ArrayTensor, e.g. `float32(64, 16) 1024:9f3a…`."""
     if checksum is None:
         if isinstance(tensor, ptfile.ArrayTensor):
@@ -98,7 +100,7 @@ def tensor_text(tensor, checksum=None):
     return f"{tensor.dtype}{tuple(tensor.shape)} {checksum}"
 
 
-def structure_text(value):
+def structure_text(value: object) -> str:
     """Canonical text of a pickled structure: containers in order, tensors as dtype, shape and checksum,
     objects of classes that were not imported as their class name and state."""
     if isinstance(value, (ptfile.TensorRef, ptfile.ArrayTensor)):
@@ -123,7 +125,7 @@ def structure_text(value):
     return repr(value)
 
 
-def short_text(text, limit=300):
+def short_text(text: str, limit: int = 300) -> str:
     """`text` itself when short, else its length and a digest (for report cells)."""
     if len(text) <= limit:
         return text

@@ -1,7 +1,11 @@
 """Per parameter and state: the universal file's keys, metadata, dtype, shape and position checksum,
 against what the source fragments and the index imply (`placement.geometry`)."""
 
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -9,9 +13,9 @@ from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
 from ..source.patterns import AFFINE, AVERAGE, REPLICATED, classify
-from ..tables import FORMAT_EXPERT, FORMAT_MODULE, OPTIMIZER_STATES, STEP, ZERO
+from ..tables import FORMAT_EXPERT, FORMAT_MODULE, OPTIMIZER_STATES, STEP, ZERO, Fragment, Parameter
 from .digest import CHUNK, Checksum, position_sum, run_sum, structure_text, tensor_checksum
-from .placement import DROPPED, expert_geometry, geometry
+from .placement import DROPPED, Geometry, expert_geometry, geometry
 from .report import (
     MISMATCH,
     MISSING,
@@ -25,6 +29,9 @@ from .report import (
     row,
 )
 
+if TYPE_CHECKING:
+    from ..stages.extract import FragmentReader
+
 
 class Universal:
     """Reads the state files of the universal checkpoint folder."""
@@ -32,7 +39,7 @@ class Universal:
     def __init__(self, folder):
         self.folder = folder
 
-    def load(self, param, state):
+    def load(self, param: str, state: str) -> Any:
         """The file's structure, or the status word saying why there is none."""
         path = os.path.join(self.folder, ZERO, param, f"{state}.pt")
         if not os.path.isfile(path):
@@ -43,13 +50,13 @@ class Universal:
             return UNREADABLE
 
 
-def content_text(keys, dtype, shape, checksum):
+def content_text(keys: Iterable[str] | None, dtype: str, shape: Sequence[int], checksum: Checksum) -> str:
     """One report cell: `{cat_dim=0, param} float32(64, 16) 1024:9f3a…` (no braces for a bare tensor)."""
     tensor = f"{dtype}{tuple(shape)} {checksum}"
     return tensor if keys is None else "{" + ", ".join(keys) + "} " + tensor
 
 
-def actual_content(structure):
+def actual_content(structure: object) -> tuple[tuple[str, ...] | None, str, Sequence[int], Checksum] | None:
     """(keys, dtype, shape, checksum) of a universal state file, or None when it holds no tensor."""
     keys, tensor = None, structure
     if isinstance(structure, dict):
@@ -60,7 +67,8 @@ def actual_content(structure):
     return keys, tensor.dtype, tensor.shape, tensor_checksum(tensor)
 
 
-def compare(param, state, expected, structure, status=OK):
+def compare(param: str, state: str, expected: tuple[tuple[str, ...] | None, str, Sequence[int], Checksum], structure: object,
+            status: str = OK) -> dict[str, str]:
     """The report row of one state file: `expected` is (keys, dtype, shape, checksum)."""
     expected_text = content_text(*expected)
     if structure in (MISSING, UNREADABLE):
@@ -88,14 +96,14 @@ class SourceSlices:
         for fragment in sorted(fragments, key=lambda f: (f.tp, f.dp)):
             self.by_tp.setdefault(fragment.tp, []).append(fragment)
 
-    def dtype(self):
+    def dtype(self) -> str:
         first = next(iter(self.by_tp.values()))[0]
         return self.reader.locate(first.file, first.tensor)[0]
 
-    def numel(self, tp):
+    def numel(self, tp: int) -> int:
         return sum(f.numel for f in self.by_tp.get(tp, []))
 
-    def chunks(self, tp):
+    def chunks(self, tp: int) -> Iterator[tuple[int, np.ndarray]]:
         """(local start, elements) of tp rank `tp`'s slice, in order, at most CHUNK at a time."""
         position = 0
         for f in self.by_tp.get(tp, []):
@@ -104,7 +112,7 @@ class SourceSlices:
                 yield position + start, self.reader.read(f.file, f.tensor, f.offset + start, count)[0]
             position += f.numel
 
-    def read(self, tp, start, count):
+    def read(self, tp: int, start: int, count: int) -> np.ndarray:
         """Elements [start, start + count) of tp rank `tp`'s slice."""
         pieces, position = [], 0
         for f in self.by_tp.get(tp, []):
@@ -115,7 +123,7 @@ class SourceSlices:
         return np.concatenate(pieces) if pieces else np.empty(0, dtype=ptfile.numpy_dtype(self.dtype()))
 
 
-def placed_checksum(shape_geometry, tp, start, data):
+def placed_checksum(shape_geometry: Geometry, tp: int, start: int, data: np.ndarray) -> Checksum:
     """The Checksum of elements `data` of tp rank `tp`'s slice, from local element `start` on, each at its
     universal position (elements the merge leaves out are skipped)."""
     runs = shape_geometry.runs[tp]
@@ -128,7 +136,7 @@ def placed_checksum(shape_geometry, tp, start, data):
     return position_sum(positions[keep], data[keep])
 
 
-def expected_checksum(slices, shape_geometry, tp_degree, state):
+def expected_checksum(slices: SourceSlices, shape_geometry: Geometry, tp_degree: int, state: str) -> tuple[Checksum, str]:
     """(Checksum of the source elements at their universal positions, status): status is
     TP_RANKS_DIFFER or NOT_CHECKED when the checksum alone cannot tell."""
     kind, dtype = shape_geometry.kind, slices.dtype()
@@ -178,7 +186,8 @@ def _module_checksum(reader, source, tensor):
     return total
 
 
-def verify_parameter(reader, universal, param_row, fragments, info, tp_degree):
+def verify_parameter(reader: FragmentReader, universal: Universal, param_row: Parameter, fragments: Iterable[Fragment],
+                     info: Mapping[str, Any], tp_degree: int) -> list[dict[str, str]]:
     """Report rows for every state file of one parameter, and for files its folder should not hold."""
     param = param_row.param
     expected_files = set(param_row.files)

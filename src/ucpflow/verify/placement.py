@@ -11,17 +11,21 @@ keep tp rank 0's layout; vocabulary parameters keep the first `original_vocab_si
 (AutoTP) place each piece by its recorded offsets and strides.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
-from ..source.patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS
+from ..source.patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, MergeRule
 from ..stages.merge import SUBPARAM_SHAPE_CLASS
-from ..tables import FORMAT_FLAT, FORMAT_MODULE
+from ..tables import FORMAT_FLAT, FORMAT_MODULE, Fragment, Parameter
 from .digest import structure_text
 
 DROPPED = -1  # target of elements the merge leaves out (a later rank's copy of a replicated piece)
@@ -39,14 +43,14 @@ class Runs:
         self.scales = None if scales is None else np.asarray(scales, dtype=np.float64)[order]
 
     @classmethod
-    def identity(cls):
+    def identity(cls) -> Runs:
         return cls([0], [0])
 
     @property
-    def scaled(self):
+    def scaled(self) -> bool:
         return self.scales is not None and bool(np.any(self.scales != 1.0))
 
-    def positions(self, start, count):
+    def positions(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(universal positions (DROPPED for elements left out), run index or None) of local elements
         [start, start + count); the run index is given only when runs are scaled."""
         local = np.arange(start, start + count, dtype=np.int64)
@@ -64,7 +68,7 @@ class Runs:
         return positions, run
 
 
-def axis_runs(shape, axis, segments, universal_width):
+def axis_runs(shape: Sequence[int], axis: int, segments: Iterable[tuple[int, int, int]], universal_width: int) -> Runs:
     """Runs of a rank slice of `shape` whose `axis` is cut into segments (local start, length, universal
     start), placed along the same axis of a universal tensor `universal_width` wide there."""
     outer = math.prod(shape[:axis])
@@ -214,7 +218,7 @@ def _affine(rule, info, state, name):
     return runs, tuple(entry["logical_shape"])
 
 
-def geometry(row, rule, info, tp_degree, state):
+def geometry(row: Parameter, rule: MergeRule | None, info: Mapping[str, Any], tp_degree: int, state: str) -> Geometry:
     """The Geometry of one state file (fp32, exp_avg, exp_avg_sq) of the parameter of params.tsv row `row`."""
     name, shapes = row.param, row.shapes
     if row.format == FORMAT_MODULE:
@@ -247,7 +251,7 @@ def geometry(row, rule, info, tp_degree, state):
     return Geometry(rule.kind, tuple(shape), (*keys, "param"), runs, limit)
 
 
-def expert_geometry(row, fragments):
+def expert_geometry(row: Parameter, fragments: Sequence[Fragment]) -> Geometry:
     """AutoEP fused experts: one [num_experts, ...] tensor per state, EP rank e's experts (plan `experts`[e])
     taken from the fragments of its dp ranks (plan `dp_ranks`[e]) in turn, each expert a block of elements."""
     plan = row.experts

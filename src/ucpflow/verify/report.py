@@ -1,7 +1,9 @@
 """Status words, report rows and the report files of `snakemake verify`: report.tsv, partitions.tsv and
 summary.txt, and the one-sentence error of a failed verification."""
 
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..fileio import atomic_writer
 
@@ -20,17 +22,17 @@ REPORT_COLUMNS = ["param", "state", "expected", "actual", "status"]
 PARTITION_COLUMNS = ["file", "tensor", "numel", "fragments", "covered", "padding", "pipeline_copies", "problem"]
 
 
-def row(param, state, expected, actual, status):
+def row(param: str, state: str, expected: object, actual: object, status: str) -> dict[str, str]:
     return {"param": param, "state": state, "expected": str(expected), "actual": str(actual), "status": status}
 
 
-def status_of(expected, actual):
+def status_of(expected: object, actual: object) -> str:
     if actual in (MISSING, UNREADABLE):
         return actual
     return OK if str(expected) == str(actual) else MISMATCH
 
 
-def summary(report, partitions, parameter_count):
+def summary(report: Sequence[Mapping[str, Any]], partitions: Sequence[Mapping[str, Any]], parameter_count: int) -> str:
     """One line: how many files matched, and whether the partitions were covered."""
     counts = {}
     for entry in report:
@@ -43,7 +45,8 @@ def summary(report, partitions, parameter_count):
     )
 
 
-def failure(report, partitions, log_path, shown=3):
+def failure(report: Iterable[Mapping[str, Any]], partitions: Iterable[Mapping[str, Any]], log_path: Path | str,
+            shown: int = 3) -> str | None:
     """The one-sentence error for a failed verification, or None when everything passed."""
     bad = [entry for entry in report if entry["status"] not in PASSING]
     bad_partitions = [entry for entry in partitions if entry["problem"]]
@@ -61,7 +64,7 @@ def failure(report, partitions, log_path, shown=3):
     return f"Verification failed for {'; '.join(parts)}; every failing check is listed in {log_path}."
 
 
-def write_tsv(path, columns, rows):
+def write_tsv(path: Path | str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
     with atomic_writer(path) as handle:
         handle.write("\t".join(columns) + "\n")
         for entry in rows:
