@@ -16,7 +16,12 @@ os.environ.update(
 )
 
 from ucpflow.allowlist import configure as allow_globals
-from ucpflow.config import Settings, coerce_booleans, explain_validation_error
+from ucpflow.config import (
+    Settings,
+    coerce_booleans,
+    explain_validation_error,
+    forget_vanished_demo,
+)
 from ucpflow.errors import UcpflowError
 from ucpflow.publish import incomplete_parameter_stamp
 from ucpflow.signature import workflow_signature
@@ -39,10 +44,12 @@ WORK = SETTINGS.work_folder
 # changed input is indexed and converted again.
 SIGNATURE = workflow_signature(config, SETTINGS.input_folder, SETTINGS.builds_demo)
 DERIVED = f"{WORK}/{SIGNATURE}"
+if SETTINGS.builds_demo:
+    forget_vanished_demo(SETTINGS.demo_folder, DERIVED)
 INDEX = f"{DERIVED}/index"
 LOGS = f"{WORK}/logs"
 BENCHMARKS = f"{WORK}/benchmarks"
-INSPECT = os.path.normpath(config["inspect_folder"] or f"{WORK}/inspect")
+INSPECT = SETTINGS.inspect_folder
 
 
 _INDEX_CACHE = {}

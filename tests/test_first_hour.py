@@ -1,0 +1,120 @@
+"""What a new user meets in the first hour (issue 21): folders inside the input refused, input folder and
+config-key typos answered with the fix, the output placed beside the input's tag folder, the targets listed
+with descriptions and `snakemake help` — each failure one sentence on a short console, no traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from snakemake.utils import validate
+
+from ucpflow.config import Settings, refuse_folders_inside_input
+from ucpflow.errors import UcpflowError
+
+SCHEMA = REPO / "schemas" / "config.schema.yaml"
+RANK0 = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+# What Snakemake itself prints when a run fails inside it; none of it may reach a user's console.
+SNAKEMAKE_NOISE = ("Traceback", "RuleException", "CalledProcessError", "WorkflowError", "Exception in", "Error in rule")
+
+
+def console(workdir, *args, config=None):
+    """Run the workflow as a user does (the default profile's quiet settings) and return (rc, console lines)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--cores", "1", *args]
+    if config:
+        command += ["--config", *(f"{key}={value}" for key, value in config.items())]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return result.returncode, (result.stdout + result.stderr).splitlines()
+
+
+def failure_sentence(workdir, *args, config=None, max_lines=3):
+    """The one `ucpflow error:` line of a failing run, after checking the console holds nothing else of note."""
+    returncode, lines = console(workdir, *args, config=config)
+    assert returncode != 0, lines
+    errors = [line for line in lines if line.startswith("ucpflow error:")]
+    assert len(errors) == 1, lines
+    assert not [line for line in lines if any(noise in line for noise in SNAKEMAKE_NOISE)], lines
+    assert len(lines) <= max_lines, lines
+    return errors[0]
+
+
+def fake_tag(folder):
+    """A folder the input check takes for a tag folder (one optimizer file; its contents are never read here)."""
+    folder.mkdir(parents=True)
+    (folder / RANK0).write_bytes(b"")
+    return folder
+
+
+def settings(**config):
+    validate(config, schema=str(SCHEMA), set_default=True)
+    return Settings.from_config(config)
+
+
+@pytest.mark.parametrize("key", ["output_folder", "work_folder", "hf_folder", "megatron_folder", "inspect_folder"])
+def test_a_folder_inside_the_input_is_refused_naming_both(key, tmp_path):
+    tag = fake_tag(tmp_path / "run" / "global_step4")
+    (tag.parent / "latest").write_text(tag.name)
+    inside = tag / "written"
+    with pytest.raises(UcpflowError) as refusal:
+        settings(**{"input_folder": str(tag.parent), "output_folder": str(tmp_path / "u"), key: str(inside)})
+    message = str(refusal.value)
+    assert f"`{key}`" in message and str(inside) in message and f"tag folder {tag}" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_the_tag_folder_itself_and_any_further_key_are_refused(tmp_path):
+    tag = fake_tag(tmp_path / "global_step4")
+    with pytest.raises(UcpflowError, match="`reshard_folder`"):
+        refuse_folders_inside_input(str(tag), [("output_folder", str(tmp_path / "u")), ("reshard_folder", str(tag))])
+    refuse_folders_inside_input(str(tag), [("reshard_folder", str(tmp_path / "global_step4_resharded"))])
+
+
+def test_an_output_inside_the_tag_folder_fails_on_the_console_before_anything_is_written(tmp_path):
+    tag = fake_tag(tmp_path / "run" / "global_step4")
+    message = failure_sentence(tmp_path / "work", config={"input_folder": tag, "output_folder": tag / "universal"})
+    assert str(tag / "universal") in message and str(tag) in message and f"{tag}_universal" in message
+    assert sorted(path.name for path in tag.iterdir()) == [RANK0]
+    assert not (tmp_path / "run" / "latest_universal").exists() and not (tmp_path / "work" / "ucpflow-work").exists()
+
+
+def test_a_parent_without_latest_names_its_tag_folders_and_the_input_to_use(tmp_path):
+    for step in (2, 10):
+        fake_tag(tmp_path / "run" / f"global_step{step}")
+    message = failure_sentence(tmp_path / "work", config={"input_folder": tmp_path / "run"})
+    assert "global_step2, global_step10" in message
+    assert f"input_folder={tmp_path / 'run' / 'global_step10'}" in message
+
+
+@pytest.mark.parametrize("typo, suggestion", [("merge_min_job", "merge_min_jobs"), ("outptu_folder", "output_folder"),
+                                              ("demo.stepz", "demo.steps")])
+def test_a_config_key_typo_suggests_the_nearest_key(typo, suggestion, tmp_path):
+    tag = fake_tag(tmp_path / "global_step4")
+    key, _, inner = typo.partition(".")
+    value = f"{{{inner}: 3}}" if inner else 3
+    message = failure_sentence(tmp_path / "work", config={"input_folder": tag, key: value})
+    assert f"`{typo}`" in message and f"did you mean `{suggestion}`?" in message
+
+
+def test_without_output_folder_the_output_goes_beside_the_tag_folder(tmp_path):
+    tag = fake_tag(tmp_path / "run" / "global_step7")
+    (tmp_path / "run" / "latest").write_text("global_step7")
+    for input_folder in (tag, tag.parent):
+        chosen = settings(input_folder=str(input_folder))
+        assert chosen.output_folder == f"{tag}_universal"
+        assert chosen.latest_universal == str(tmp_path / "run" / "latest_universal")
+        assert not chosen.builds_demo
+    assert settings(input_folder=str(tag), output_folder=str(tmp_path / "u")).output_folder == str(tmp_path / "u")
+
+
+def test_the_demo_paths_are_used_only_for_the_demo():
+    shipped = yaml.safe_load((REPO / "config.yaml").read_text())
+    demo = settings(**shipped)
+    assert demo.builds_demo and demo.input_folder == "demo/checkpoint"
+    assert demo.output_folder == os.path.join("demo", "checkpoint", "global_step4_universal")
+    assert settings(input_folder="demo/checkpoint", demo={"steps": 2}).output_folder.endswith("global_step2_universal")
