@@ -12,12 +12,11 @@ dropped and the LM head is left to be tied to the word embeddings.
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 from ..errors import UcpflowError
-from ..fileio import write_text
+from ..fileio import atomic_path, write_text
 from ..markers import retract, write_marker
 from . import hf_llama as HL
 from . import tensors as T
@@ -309,9 +308,8 @@ def hf_shard_job(plan_path, stem, output, index=None):
     dtype = getattr(torch, TORCH_DTYPES[plan["dtype"]])
     tensors = {name: torch.from_numpy(np.ascontiguousarray(gpt2_array(plan, plan["tensors"][name]))).to(dtype)
                for name in plan["shards"][stem]}
-    partial = Path(output).with_name(f".{Path(output).name}.partial")
-    save_file(tensors, partial, metadata={"format": "pt"})
-    os.replace(partial, output)
+    with atomic_path(output) as partial:  # safetensors writes its files 0600
+        save_file(tensors, partial, metadata={"format": "pt"})
     print(f"{output}: {len(tensors)} tensors")
 
 
