@@ -26,8 +26,9 @@ from ucpflow.errors import UcpflowError
 from ucpflow.publish import incomplete_parameter_stamp
 from ucpflow.signature import workflow_signature
 
+SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 try:
-    coerce_booleans(config, workflow.source_path("../schemas/config.schema.yaml"))
+    coerce_booleans(config, SCHEMA)
     validate(config, schema="../schemas/config.schema.yaml", set_default=True)
     SETTINGS = Settings.from_config(config)
     # Every job (a fresh process, possibly on another node) reads the user's extra allowed globals from here.
@@ -291,3 +292,22 @@ def print_conversion_summary():
             summary_line(json.loads(path.read_text()), time.time() - STARTED),
             file=sys.stderr,
         )
+
+
+# What `snakemake help` lists, in this order; each rule's docstring is its one-line description.
+USER_TARGETS = ("universal", "inspect", "verify", "hf", "megatron", "help")
+
+
+def print_help(log_path):
+    """`snakemake help`: the targets and every config key with its default and meaning, from the schema
+    (printed, and written to `log_path`)."""
+    from ucpflow.helptext import help_text
+
+    targets = []
+    for name in USER_TARGETS:
+        kind, _, description = (getattr(rules, name).rule.docstring or "").partition(": ")
+        default = "(the default; also `all`) " if "default" in kind else ""
+        targets.append((name, default + description))
+    text = help_text(SCHEMA, targets)
+    Path(log_path).write_text(text + "\n")
+    print(text, flush=True)

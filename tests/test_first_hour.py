@@ -118,3 +118,35 @@ def test_the_demo_paths_are_used_only_for_the_demo():
     assert demo.builds_demo and demo.input_folder == "demo/checkpoint"
     assert demo.output_folder == os.path.join("demo", "checkpoint", "global_step4_universal")
     assert settings(input_folder="demo/checkpoint", demo={"steps": 2}).output_folder.endswith("global_step2_universal")
+
+
+USER_TARGETS = ("universal", "inspect", "verify", "hf", "megatron", "help")
+
+
+def test_every_config_key_has_a_description_and_help_prints_them_with_their_defaults(tmp_path):
+    from ucpflow.helptext import config_keys
+
+    keys = config_keys(yaml.safe_load(SCHEMA.read_text()))
+    assert {"input_folder", "output_folder", "demo.steps", "hf_folder"} <= {key for key, _, _ in keys}
+    assert all(meaning for _, _, meaning in keys), [key for key, _, meaning in keys if not meaning]
+    returncode, lines = console(tmp_path / "work", "help")
+    assert returncode == 0, lines
+    text = "\n".join(lines)
+    for name in USER_TARGETS:
+        assert [line for line in lines if line.startswith(f"  {name} ") and len(line.split()) > 3], (name, text)
+    for key, default, meaning in keys:
+        assert f"  {key} (default: {default})" in text
+        assert " ".join(meaning.split()[:4]) in " ".join(text.split())
+    assert not [line for line in lines if any(noise in line for noise in SNAKEMAKE_NOISE)]
+
+
+def test_the_targets_are_listed_with_one_line_descriptions_and_universal_converts(tmp_path):
+    returncode, lines = console(tmp_path / "work", "--list-target-rules")
+    assert returncode == 0, lines
+    for name in (*USER_TARGETS, "all"):
+        described = [line for line in lines if line.startswith(f"{name} (Target") and line.endswith(")")]
+        assert described, (name, lines)
+    tag = fake_tag(tmp_path / "run" / "global_step4")
+    for target in ("universal", "all"):
+        returncode, lines = console(tmp_path / "work", "-n", target, config={"input_folder": tag})
+        assert returncode == 0 and any("index" in line for line in lines), lines
