@@ -61,3 +61,7 @@ rule help:
 
 onsuccess:
     print_conversion_summary()
+
+
+onerror:
+    print_failure_hint(log)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger as snakemake_logger
 from snakemake.utils import validate
 
 # Rules run scripts in fresh processes (possibly on other nodes): they find the package this way.
@@ -22,6 +23,7 @@ from ucpflow.config import (
     explain_validation_error,
     forget_vanished_demo,
 )
+from ucpflow.console import failure_hint, install as install_console_filter
 from ucpflow.errors import UcpflowError
 from ucpflow.publish import incomplete_parameter_stamp
 from ucpflow.signature import workflow_signature
@@ -38,6 +40,8 @@ except WorkflowError as error:
 except UcpflowError as error:
     sys.exit(f"ucpflow error: {error}")
 
+# A failed job's console: its one `ucpflow error:` line, not Snakemake's exception report after it.
+FAILURE_REPORT = install_console_filter(snakemake_logger)
 STARTED = time.time()
 OUT = SETTINGS.output_folder
 WORK = SETTINGS.work_folder
@@ -282,16 +286,28 @@ def publish_job(wildcards, input, log_path):
     )
 
 
+def _written_in_this_run(path):
+    path = Path(path)
+    return path.is_file() and path.stat().st_mtime >= STARTED
+
+
 def print_conversion_summary():
-    """The last line of a conversion that wrote latest_universal in this run: what, where, how to resume."""
+    """The last line of each target that finished its output in this run: what, where, what next."""
+    from ucpflow.console import hf_summary_line, megatron_summary_line
     from ucpflow.finalize import summary_line
 
-    path = Path(rules.finalize.output.summary)
-    if path.is_file() and path.stat().st_mtime >= STARTED:
-        print(
-            summary_line(json.loads(path.read_text()), time.time() - STARTED),
-            file=sys.stderr,
-        )
+    seconds = time.time() - STARTED
+    lines = []
+    if _written_in_this_run(rules.finalize.output.summary):
+        summary = json.loads(Path(rules.finalize.output.summary).read_text())
+        lines.append(summary_line(summary, seconds))
+    if _written_in_this_run(rules.export_megatron_finalize.output[0]):
+        tp, pp = config["target_tp"], config["target_pp"]
+        lines.append(megatron_summary_line(MEGATRON_FOLDER, tp, pp, seconds))
+    if _written_in_this_run(rules.export_hf_finalize.output.config):
+        lines.append(hf_summary_line(HF_FOLDER, seconds))
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 # What `snakemake help` lists, in this order; each rule's docstring is its one-line description.
@@ -311,3 +327,10 @@ def print_help(log_path):
     text = help_text(SCHEMA, targets)
     Path(log_path).write_text(text + "\n")
     print(text, flush=True)
+
+
+def print_failure_hint(snakemake_logs):
+    """The last line of a failed run: where the logs are (Snakemake's own pointer to its log is left out)."""
+    if FAILURE_REPORT is not None:
+        FAILURE_REPORT.failed = True
+    print(failure_hint(LOGS, [str(path) for path in snakemake_logs]), file=sys.stderr)

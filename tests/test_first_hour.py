@@ -2,6 +2,7 @@
 config-key typos answered with the fix, the output placed beside the input's tag folder, the targets listed
 with descriptions and `snakemake help` — each failure one sentence on a short console, no traceback."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -150,3 +151,44 @@ def test_the_targets_are_listed_with_one_line_descriptions_and_universal_convert
     for target in ("universal", "all"):
         returncode, lines = console(tmp_path / "work", "-n", target, config={"input_folder": tag})
         assert returncode == 0 and any("index" in line for line in lines), lines
+
+
+def test_a_failing_job_prints_its_sentence_and_where_the_logs_are_and_nothing_of_snakemakes_report(tmp_path):
+    tag = fake_tag(tmp_path / "global_step4")  # its optimizer file is empty: the index job fails on it
+    returncode, lines = console(tmp_path / "work", config={"input_folder": tag})
+    assert returncode != 0
+    errors = [line for line in lines if line.startswith("ucpflow error:")]
+    assert len(errors) == 1 and RANK0 in errors[0] and "not a PyTorch checkpoint" in errors[0], lines
+    assert lines[-1].startswith("ucpflow: the run stopped; every job's log is in ") and "/logs/" in lines[-1], lines
+    assert not [line for line in lines if any(noise in line for noise in SNAKEMAKE_NOISE)], lines
+    # Snakemake's own start-up lines, the sentence and the hint.
+    assert len(lines) <= 12, lines
+    snakemake_log = lines[-1].split("Snakemake's in ")[1].rstrip(".")
+    assert "CalledProcessError" in Path(snakemake_log).read_text(), "the full report stays in Snakemake's log"
+
+
+def record(message):
+    return logging.LogRecord("snakemake.logging", logging.ERROR, __file__, 1, message, (), None)
+
+
+def test_the_console_filter_drops_only_the_report_of_a_job_that_printed_its_own_line(capsys):
+    from ucpflow.console import JOB_FAILED_STATUS, FailedJobReport
+
+    report = FailedJobReport()
+    stopped = f"RuleException:\nCalledProcessError in file x, line 1:\nCommand 'python a.py' returned non-zero exit status {JOB_FAILED_STATUS}."
+    killed = "RuleException:\nCalledProcessError in file x, line 1:\nCommand 'python a.py' returned non-zero exit status -9."
+    assert not report.filter(record(stopped)) and report.filter(record(killed))
+    assert not report.filter(record("At least one job did not complete successfully."))
+    assert report.filter(record("MissingInputException in rule merge"))
+    assert not report.filter(record("RuleException:\nJobFailed in file x, line 3:\nucpflow error: A sentence.\n  File x"))
+    assert capsys.readouterr().err == "ucpflow error: A sentence.\n"
+    assert report.filter(record("Complete log(s): /x.log"))
+    report.failed = True
+    assert not report.filter(record("Complete log(s): /x.log"))
+
+
+def test_sizes_are_printed_in_units_people_read():
+    from ucpflow.console import human_size
+
+    assert [human_size(n) for n in (512, 409_600, 34_000_000, 2_113_520_000_000)] == [
+        "512 B", "409.60 kB", "34.00 MB", "2.11 TB"]

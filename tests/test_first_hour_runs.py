@@ -51,7 +51,9 @@ def test_the_demo_deleted_is_built_again_with_no_stray_files_and_umask_modes(tmp
     work = tmp_path / "demo-run"
     (tmp_path / "tiny.yaml").write_text(TINY_DEMO)
     tiny = ("--configfile", str(tmp_path / "tiny.yaml"))
-    succeeds(work, *tiny)
+    console = succeeds(work, *tiny)
+    wrote = [line for line in console.splitlines() if line.startswith("ucpflow: wrote demo/checkpoint/global_step1_universal")]
+    assert len(wrote) == 1 and " kB) in " in wrote[0] and "load_universal" in wrote[0], console[-2000:]
     succeeds(work, "inspect", *tiny)
     succeeds(work, "verify", *tiny)
     demo = work / "demo"
@@ -75,6 +77,9 @@ def test_the_exports_write_with_umask_modes(target, folder, megatron_checkpoint,
     name, spec = PER_HEAD_TP2_PP2
     tag = megatron_checkpoint(name, **spec)
     output = tmp_path / "out" / f"{tag.name}_universal"
-    succeeds(tmp_path / "run", target, input_folder=tag, output_folder=output, target_tp=1, target_pp=1)
+    console = succeeds(tmp_path / "run", target, input_folder=tag, output_folder=output, target_tp=1, target_pp=1)
     assert (tmp_path / "out" / folder).is_dir()
+    next_step = {"hf": "from_pretrained(", "megatron": "--tensor-model-parallel-size 1"}[target]
+    wrote = [line for line in console.splitlines() if line.startswith(f"ucpflow: wrote {tmp_path / 'out' / folder} (")]
+    assert len(wrote) == 1 and next_step in wrote[0], console[-3000:]
     assert_umask_modes(tmp_path / "out", tmp_path / "run" / "ucpflow-work")

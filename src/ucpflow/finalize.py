@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .jobs import OPTIMIZER_STATE_FILE, STAGING, ZERO, MODEL_STATES_SUFFIX
+from .console import human_size
 from .fileio import write_text
 from .markers import write_marker
 from .publish import missing_files, parameter_files
@@ -70,7 +71,7 @@ def finalize_job(output_folder, latest_path, params_path, copy_files, summary_pa
 def summary_line(summary, seconds):
     folder = summary["output_folder"]
     return (
-        f"ucpflow: wrote {folder} ({summary['parameters']} parameters, {summary['bytes'] / 1e9:.2f} GB) "
+        f"ucpflow: wrote {folder} ({summary['parameters']} parameters, {human_size(summary['bytes'])}) "
         f"in {seconds:.1f} s. To resume training from it, add \"checkpoint\": {{\"load_universal\": true}} "
         f"to the DeepSpeed config and load the checkpoint from {os.path.dirname(os.path.abspath(folder))}."
     )
