@@ -317,6 +317,7 @@ USER_TARGETS = ("universal", "inspect", "verify", "hf", "megatron", "help")
 def print_help(log_path):
     """`snakemake help`: the targets and every config key with its default and meaning, from the schema
     (printed, and written to `log_path`)."""
+    from ucpflow.fileio import write_text
     from ucpflow.helptext import help_text
 
     targets = []
@@ -325,7 +326,7 @@ def print_help(log_path):
         default = "(the default; also `all`) " if "default" in kind else ""
         targets.append((name, default + description))
     text = help_text(SCHEMA, targets)
-    Path(log_path).write_text(text + "\n")
+    write_text(log_path, text + "\n")
     print(text, flush=True)
 
 
