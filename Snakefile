@@ -25,17 +25,45 @@ include: "rules/export.smk"
 include: "rules/verify.smk"
 
 
+# The conversion's outputs, requested by the `universal` target and by `all`, the default target.
+CONVERSION = [
+    # Every index table: a checkpoint counts as done only with all its outputs present.
+    rules.index.output,
+    # Every parameter's files too, so that a deleted parameter folder is converted again.
+    universal_outputs,
+    SETTINGS.latest_universal,
+    # For `snakemake --report`: the tables of what was converted.
+    rules.report_tables.output,
+]
+
+
+rule universal:
+    """Target (default): convert input_folder into a universal checkpoint in output_folder (latest_universal last)."""
+    input:
+        CONVERSION,
+    localrule: True
+
+
 rule all:
+    """Target: the default, the same as `universal`."""
     default_target: True
     input:
-        # Every index table: a checkpoint counts as done only with all its outputs present.
-        rules.index.output,
-        # Every parameter's files too, so that a deleted parameter folder is converted again.
-        universal_outputs,
-        SETTINGS.latest_universal,
-        # For `snakemake --report`: the tables of what was converted.
-        rules.report_tables.output,
+        CONVERSION,
+    localrule: True
+
+
+rule help:
+    """Target: print the targets and every config key with its default and meaning."""
+    log:
+        f"{LOGS}/help.log",
+    localrule: True
+    run:
+        print_help(log[0])
 
 
 onsuccess:
     print_conversion_summary()
+
+
+onerror:
+    print_failure_hint(log)

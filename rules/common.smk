@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger as snakemake_logger
 from snakemake.utils import validate
 
 # Rules run scripts in fresh processes (possibly on other nodes): they find the package this way.
@@ -16,8 +17,21 @@ os.environ.update(
     PYTHONPATH=os.pathsep.join(p for p in (PACKAGE_ROOT, os.getenv("PYTHONPATH")) if p)
 )
 
-from ucpflow.config import Settings, coerce_booleans, explain_validation_error
+from ucpflow.config import (
+    Settings,
+    coerce_booleans,
+    explain_validation_error,
+    forget_vanished_demo,
+)
+from ucpflow.console import (
+    failure_hint,
+    hf_summary_line,
+    install as install_console_filter,
+    megatron_summary_line,
+)
 from ucpflow.errors import UcpflowError
+from ucpflow.fileio import write_text
+from ucpflow.helptext import help_text
 from ucpflow.ptfile.allowlist import configure as allow_globals
 from ucpflow.smk import index_files as index_files_of, run_in_process
 from ucpflow.source.signature import workflow_signature
@@ -34,8 +48,9 @@ from ucpflow.tables import (
     read_parameters,
 )
 
+SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 try:
-    coerce_booleans(config, workflow.source_path("../schemas/config.schema.yaml"))
+    coerce_booleans(config, SCHEMA)
     validate(config, schema="../schemas/config.schema.yaml", set_default=True)
     SETTINGS = Settings.from_config(config)
     # Every job (a fresh process, possibly on another node) reads the user's extra allowed globals from here.
@@ -45,6 +60,8 @@ except WorkflowError as error:
 except UcpflowError as error:
     sys.exit(f"ucpflow error: {error}")
 
+# A failed job's console: its one `ucpflow error:` line, not Snakemake's exception report after it.
+FAILURE_REPORT = install_console_filter(snakemake_logger)
 STARTED = time.time()
 OUT = SETTINGS.output_folder
 WORK = SETTINGS.work_folder
@@ -52,10 +69,12 @@ WORK = SETTINGS.work_folder
 # changed input is indexed and converted again.
 SIGNATURE = workflow_signature(config, SETTINGS.input_folder, SETTINGS.builds_demo)
 DERIVED = f"{WORK}/{SIGNATURE}"
+if SETTINGS.builds_demo:
+    forget_vanished_demo(SETTINGS.demo_folder, DERIVED)
 INDEX = f"{DERIVED}/index"
 LOGS = f"{WORK}/logs"
 BENCHMARKS = f"{WORK}/benchmarks"
-INSPECT = os.path.normpath(config["inspect_folder"] or f"{WORK}/inspect")
+INSPECT = SETTINGS.inspect_folder
 
 
 _INDEX_CACHE = {}
@@ -270,11 +289,46 @@ def publish_job(wildcards, input, log_path):
     )
 
 
+def _written_in_this_run(path):
+    path = Path(path)
+    return path.is_file() and path.stat().st_mtime >= STARTED
+
+
 def print_conversion_summary():
-    """The last line of a conversion that wrote latest_universal in this run: what, where, how to resume."""
-    path = Path(rules.finalize.output.summary)
-    if path.is_file() and path.stat().st_mtime >= STARTED:
-        print(
-            summary_line(json.loads(path.read_text()), time.time() - STARTED),
-            file=sys.stderr,
-        )
+    """The last line of each target that finished its output in this run: what, where, what next."""
+    seconds = time.time() - STARTED
+    lines = []
+    if _written_in_this_run(rules.finalize.output.summary):
+        summary = json.loads(Path(rules.finalize.output.summary).read_text())
+        lines.append(summary_line(summary, seconds))
+    if _written_in_this_run(rules.export_megatron_finalize.output[0]):
+        tp, pp = config["target_tp"], config["target_pp"]
+        lines.append(megatron_summary_line(MEGATRON_FOLDER, tp, pp, seconds))
+    if _written_in_this_run(rules.export_hf_finalize.output.config):
+        lines.append(hf_summary_line(HF_FOLDER, seconds))
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
+# What `snakemake help` lists, in this order; each rule's docstring is its one-line description.
+USER_TARGETS = ("universal", "inspect", "verify", "hf", "megatron", "help")
+
+
+def print_help(log_path):
+    """`snakemake help`: the targets and every config key with its default and meaning, from the schema
+    (printed, and written to `log_path`)."""
+    targets = []
+    for name in USER_TARGETS:
+        kind, _, description = (getattr(rules, name).rule.docstring or "").partition(": ")
+        default = "(the default; also `all`) " if "default" in kind else ""
+        targets.append((name, default + description))
+    text = help_text(SCHEMA, targets)
+    write_text(log_path, text + "\n")
+    print(text, flush=True)
+
+
+def print_failure_hint(snakemake_logs):
+    """The last line of a failed run: where the logs are (Snakemake's own pointer to its log is left out)."""
+    if FAILURE_REPORT is not None:
+        FAILURE_REPORT.failed = True
+    print(failure_hint(LOGS, [str(path) for path in snakemake_logs]), file=sys.stderr)

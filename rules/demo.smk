@@ -3,7 +3,9 @@ rule demo_checkpoint:
     output:
         latest=f"{SETTINGS.demo_folder}/latest",
     log:
-        f"{LOGS}/demo_checkpoint.log",
+        job=f"{LOGS}/demo_checkpoint.log",
+        # DeepSpeed's launcher and its training processes.
+        training=f"{LOGS}/demo_training.log",
     benchmark:
         f"{BENCHMARKS}/demo_checkpoint.tsv"
     conda:

@@ -62,7 +62,7 @@ rule export_megatron_finalize:
 
 
 rule megatron:
-    """Target: the Megatron-LM checkpoint in megatron_folder."""
+    """Target: a Megatron-LM checkpoint at target_tp x target_pp in megatron_folder."""
     input:
         rules.export_megatron_finalize.output[0],
     localrule: True
@@ -143,7 +143,7 @@ rule export_hf_finalize:
 
 
 rule hf:
-    """Target: the transformers model folder in hf_folder."""
+    """Target: a transformers model folder (what save_pretrained writes) in hf_folder."""
     input:
         rules.export_hf_finalize.output.config,
         # Known from the index alone: the extractions of a transformers model then run beside its plan.

@@ -1,12 +1,8 @@
 # Paths and input functions of the export rules (rules/export.smk).
 
 EXPORT = f"{DERIVED}/export"
-MEGATRON_FOLDER = os.path.normpath(
-    config["megatron_folder"] or os.path.join(os.path.dirname(OUT), "megatron")
-)
-HF_FOLDER = os.path.normpath(
-    config["hf_folder"] or os.path.join(os.path.dirname(OUT), "hf")
-)
+MEGATRON_FOLDER = SETTINGS.megatron_folder
+HF_FOLDER = SETTINGS.hf_folder
 
 
 def universal_model_state(wildcards):

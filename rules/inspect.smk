@@ -1,6 +1,6 @@
+# A checkpoint that cannot be converted is reported, not failed on.
 rule inspect:
-    """Tables of the checkpoint's files, parameters, degrees and training args, from metadata alone;
-    a checkpoint that cannot be converted is reported, not failed on."""
+    """Target: print and write tables of the checkpoint's files, parameters, degrees and args (metadata only)."""
     input:
         checkpoint_input,
     output:

@@ -1,7 +1,6 @@
+# No torch or DeepSpeed needed; fails naming the first parameters whose files do not match.
 rule verify:
-    """Target: check the universal checkpoint against the source fragments (no torch or DeepSpeed needed);
-    fails naming the first parameters whose files do not match. `snakemake -f verify` checks again.
-    """
+    """Target: check the universal checkpoint against the source fragments; `snakemake -f verify` checks again."""
     input:
         **rules.index.output,
         maps=all_extraction_maps,

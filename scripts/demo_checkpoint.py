@@ -5,7 +5,9 @@ from ucpflow.smk import run
 
 
 def main():
-    demo_checkpoint_job(snakemake.params.demo, snakemake.output.latest)
+    demo_checkpoint_job(
+        snakemake.params.demo, snakemake.output.latest, snakemake.log.training
+    )
 
 
 run(snakemake, main)

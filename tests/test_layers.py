@@ -13,15 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ucpflow"
 
 # Bottom to top: a module may import modules of its own layer or of layers below it, never above.
 LAYERS = [
-    ["errors"],
+    ["errors", "console", "helptext"],
     ["fileio", "dsconst"],
     ["ptfile"],
     ["tables"],
-    ["markers", "config", "smk"],
+    ["markers", "smk", "demo"],
     ["source"],
     ["stages"],
-    ["verify", "export", "demo"],
-    ["inspect"],
+    ["verify", "export"],
+    ["inspect", "config"],
 ]
 LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from .demo import checkpoint_tag
 from .errors import UcpflowError
 from .markers import latest_universal_path
+from .source.layout import resolve_tag_folder
 
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
@@ -27,12 +31,24 @@ def coerce_booleans(config: dict[str, Any], schema_path: Path | str) -> None:
             config[key] = BOOLEAN_WORDS[value.lower()]
 
 
+def _unknown_key_sentence(cause, prefix):
+    """`Config key `merge_jobs` is not a ucpflow setting; did you mean `merge_min_jobs`?` for a typo."""
+    known = list(cause.schema.get("properties", {}))
+    unknown = sorted(key for key in cause.instance if key not in known)
+    key = unknown[0] if unknown else "?"
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    hint = f"did you mean `{prefix}{close[0]}`?" if close else "`snakemake help` lists every key."
+    return f"Config key `{prefix}{key}` is not a ucpflow setting; {hint}"
+
+
 def explain_validation_error(error: BaseException) -> str:
     """One sentence for a jsonschema ValidationError wrapped in Snakemake's WorkflowError."""
     cause = error.__cause__ or error.__context__
     if not hasattr(cause, "absolute_path"):
         return f"The config is invalid: {error}"
     key = ".".join(str(part) for part in cause.absolute_path)
+    if cause.validator == "additionalProperties" and isinstance(cause.instance, dict):
+        return _unknown_key_sentence(cause, f"{key}." if key else "")
     return f"Config key `{key}`: {cause.message}." if key else f"Config: {cause.message}."
 
 
@@ -42,6 +58,36 @@ def default_work_folder(output_folder: str) -> str:
     return os.path.join("ucpflow-work", f"{os.path.basename(absolute)}-{digest}")
 
 
+def universal_folder_of(tag_folder: str) -> str:
+    """Where ds_to_universal users put the universal checkpoint of `tag_folder`: beside it, `<tag>_universal`."""
+    return f"{os.path.normpath(tag_folder)}_universal"
+
+
+def _is_inside(folder, outer):
+    folder, outer = os.path.realpath(folder), os.path.realpath(outer)
+    return folder == outer or folder.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def refuse_folders_inside_input(tag_folder: str, folders: list[tuple[str, str]]) -> None:
+    """Refuse, in one sentence naming both, any (config key, folder) this run writes that lies in the input's
+    tag folder: the next index would read what was written there as part of the checkpoint."""
+    for key, folder in folders:
+        if folder and _is_inside(folder, tag_folder):
+            instead = f", such as {universal_folder_of(tag_folder)}" if key == "output_folder" else ""
+            raise UcpflowError(
+                f"Config key `{key}`: {folder} is inside the input's tag folder {tag_folder}, whose files are "
+                f"the checkpoint; choose a folder outside it{instead}."
+            )
+
+
+def forget_vanished_demo(demo_folder: str, derived_folder: str) -> None:
+    """The demo's work folder is named by its build settings, so it outlives a deleted demo checkpoint: once
+    the demo's `latest` is gone, its index describes files that no longer exist and is removed, so the demo
+    is built and indexed again instead of Snakemake trusting the old index."""
+    if not os.path.exists(os.path.join(demo_folder, "latest")):
+        shutil.rmtree(os.path.join(derived_folder, "index"), ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class Settings:
     input_folder: str
@@ -49,23 +95,54 @@ class Settings:
     work_folder: str
     demo_folder: str
     latest_universal: str
+    # The folder whose files are the checkpoint (the demo's: where its build will save it).
+    tag_folder: str = ""
+    hf_folder: str = ""
+    megatron_folder: str = ""
+    inspect_folder: str = ""
 
     @property
     def builds_demo(self) -> bool:
         return os.path.normpath(self.input_folder) == os.path.normpath(self.demo_folder)
 
+    def written_folders(self, config: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(config key, folder) of every folder a target writes; folder keys added to the schema belong here."""
+        extra = [(key, os.path.normpath(config[key])) for key in ("reshard_folder",) if config.get(key)]
+        return [
+            ("output_folder", self.output_folder),
+            ("work_folder", self.work_folder),
+            ("hf_folder", self.hf_folder),
+            ("megatron_folder", self.megatron_folder),
+            ("inspect_folder", self.inspect_folder),
+            *extra,
+        ]
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
-        output = os.path.normpath(config["output_folder"])
-        settings = cls(
-            input_folder=os.path.normpath(config["input_folder"]),
-            output_folder=output,
-            work_folder=os.path.normpath(config.get("work_folder") or default_work_folder(output)),
-            demo_folder=os.path.normpath(config["demo"]["folder"]),
-            latest_universal=latest_universal_path(output),
-        )
-        if not settings.builds_demo and not os.path.isdir(settings.input_folder):
-            raise UcpflowError(f"Config key `input_folder`: {settings.input_folder} does not exist or is not a folder.")
-        if os.path.abspath(output) == os.path.abspath(settings.input_folder):
+        demo_folder = os.path.normpath(config["demo"]["folder"])
+        input_folder = os.path.normpath(config.get("input_folder") or demo_folder)
+        if input_folder == demo_folder:
+            tag_folder = os.path.join(demo_folder, checkpoint_tag(config["demo"]["steps"]))
+        elif not os.path.isdir(input_folder):
+            raise UcpflowError(f"Config key `input_folder`: {input_folder} does not exist or is not a folder.")
+        else:
+            tag_folder = str(resolve_tag_folder(input_folder))
+        output = os.path.normpath(config.get("output_folder") or universal_folder_of(tag_folder))
+        if os.path.abspath(output) in (os.path.abspath(input_folder), os.path.abspath(tag_folder)):
             raise UcpflowError("Config keys `input_folder` and `output_folder` name the same folder.")
+        work = os.path.normpath(config.get("work_folder") or default_work_folder(output))
+        settings = cls(
+            input_folder=input_folder,
+            output_folder=output,
+            work_folder=work,
+            demo_folder=demo_folder,
+            latest_universal=latest_universal_path(output),
+            tag_folder=tag_folder,
+            hf_folder=os.path.normpath(config.get("hf_folder") or os.path.join(os.path.dirname(output), "hf")),
+            megatron_folder=os.path.normpath(
+                config.get("megatron_folder") or os.path.join(os.path.dirname(output), "megatron")
+            ),
+            inspect_folder=os.path.normpath(config.get("inspect_folder") or os.path.join(work, "inspect")),
+        )
+        refuse_folders_inside_input(tag_folder, settings.written_folders(config))
         return settings

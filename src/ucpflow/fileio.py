@@ -66,17 +66,32 @@ def fsync_path(path: Path | str) -> None:
         os.close(fd)
 
 
+def _put_in_place(temp: Path, final: Path | str) -> None:
+    """Every output's last step: the permissions of any file the user creates (whatever mode the writer
+    gave the temp file: mkstemp's 0600, a copied file's, a library's own temp file), then one rename."""
+    os.chmod(temp, FILE_MODE)
+    os.replace(temp, final)
+
+
 @contextmanager
-def atomic_writer(final: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temp file beside `final`; on success rename it into place, on error remove it."""
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """A temp path beside `final` for a writer that takes a path (and may create the file anew, with any
+    mode); on success it is renamed into place with the user's permissions, on error removed."""
     temp = _temp_path(final)
     try:
-        with open(temp, mode, **({} if "b" in mode else {"newline": ""})) as handle:
-            yield handle
-        os.replace(temp, final)
+        yield temp
+        _put_in_place(temp, final)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_writer(final: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temp file beside `final`; on success rename it into place, on error remove it."""
+    with atomic_path(final) as temp:
+        with open(temp, mode, **({} if "b" in mode else {"newline": ""})) as handle:
+            yield handle
 
 
 def write_text(final: Path | str, text: str, durable: bool = False) -> None:
@@ -115,11 +130,7 @@ def remove_partial_folders(final: Path | str) -> None:
 
 
 def copy_file(source: Path | str, final: Path | str) -> None:
-    """Copy with metadata (as shutil.copy2 does) through a temp name."""
-    temp = _temp_path(final)
-    try:
+    """Copy with its times (as shutil.copy2 does) through a temp name; the copy gets the user's permissions,
+    not the source's."""
+    with atomic_path(final) as temp:
         shutil.copy2(source, temp)
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -7,8 +7,9 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
+from .console import JOB_FAILED_STATUS
 from .errors import UcpflowError
 from .tables import IndexFiles
 
@@ -25,8 +26,9 @@ def run(snakemake: Snakemake, main: Callable[[], object], announce: bool = False
     """Call `main()` with stdout/stderr sent to the rule's log file.
 
     A UcpflowError (bad input, bad checkpoint) is reported as one line, both in the log and on the
-    terminal, and exits with status 1; anything else keeps its traceback in the log. With `announce`,
-    the text `main()` returns is printed as the job's one line of progress on the terminal.
+    terminal; anything else keeps its traceback in the log and gets one line naming the log on the terminal.
+    Either way the job exits with status JOB_FAILED_STATUS, whose report the console leaves out (ucpflow.console).
+    With `announce`, the text `main()` returns is printed as the job's one line of progress on the terminal.
     """
     terminal = sys.__stderr__
     rule = snakemake.rule
@@ -39,11 +41,11 @@ def run(snakemake: Snakemake, main: Callable[[], object], announce: bool = False
             message = f"ucpflow error: {error}"
             print(message, file=log)
             print(message, file=terminal)
-            sys.exit(1)
+            sys.exit(JOB_FAILED_STATUS)
         except Exception as error:
             traceback.print_exc(file=log)
             print(f"ucpflow: rule {rule} failed with {type(error).__name__}: {error} (see {snakemake.log[0]})", file=terminal)
-            sys.exit(1)
+            sys.exit(JOB_FAILED_STATUS)
         seconds = time.perf_counter() - started
         print(f"rule {rule} done in {seconds:.2f} s", file=log)
         if announce and result:

@@ -15,18 +15,18 @@ TRAIN_SCRIPT = Path(__file__).with_name("train.py")
 PATH_OPTIONS = ("save_dir", "resume_universal", "losses_out")
 
 
-def build_checkpoint(save_dir, *, num_procs: int = 2, timeout: float = 600, losses_out=None,
+def build_checkpoint(save_dir, *, num_procs: int = 2, timeout: float = 600, losses_out=None, log_path=None,
                      **train_options) -> Path:
     """Train the demo GPT on `num_procs` processes and save a DeepSpeed checkpoint into `save_dir`.
 
     `train_options` are train.py's options in Python spelling (zero_stage=3, dtype="fp32",
     freeze=["wpe.weight"], universal_info=False, ...). Returns the tag folder save_dir/global_step{steps};
-    the launcher's output goes to <save_dir>.log, the training losses to `losses_out` if given.
+    the launcher's output goes to `log_path` (default <save_dir>.log), the training losses to `losses_out` if given.
     """
     save_dir = Path(save_dir)
     options = parse_options(build_parser(), train_options, reserved=PATH_OPTIONS, what="the demo trainer",
                             save_dir=save_dir, losses_out=losses_out)
-    log_path = save_dir.with_name(save_dir.name + ".log")
+    log_path = Path(log_path) if log_path else save_dir.with_name(save_dir.name + ".log")
     _launch(options, num_procs, log_path, timeout, f"building the demo checkpoint in {save_dir}")
     return saved_tag_folder(save_dir, options.steps, log_path)
 

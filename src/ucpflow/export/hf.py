@@ -12,7 +12,6 @@ dropped and the LM head is left to be tied to the word embeddings.
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UcpflowError
-from ..fileio import write_text
+from ..fileio import atomic_path, write_text
 from ..markers import retract, write_marker
 from ..source.hfconfig import CONFIG_FILE
 from ..tables import IndexFiles, read_index_record
@@ -283,9 +282,8 @@ def hf_shard_job(plan_path: str, stem: str, output: str, index: IndexFiles | Non
     dtype = getattr(torch, TORCH_DTYPES[plan["dtype"]])
     tensors = {name: torch.from_numpy(np.ascontiguousarray(gpt2_array(plan, plan["tensors"][name]))).to(dtype)
                for name in plan["shards"][stem]}
-    partial = Path(output).with_name(f".{Path(output).name}.partial")
-    save_file(tensors, partial, metadata={"format": "pt"})
-    os.replace(partial, output)
+    with atomic_path(output) as partial:  # safetensors writes its files 0600
+        save_file(tensors, partial, metadata={"format": "pt"})
     print(f"{output}: {len(tensors)} tensors")
 
 

@@ -46,6 +46,13 @@ def resolve_tag_folder(input_folder: Path | str) -> Path:
         if not tag_folder.is_dir():
             raise CheckpointError(f"{latest} names tag {tag!r}, but {tag_folder} does not exist.")
         return tag_folder
+    tags = sorted((entry for entry in folder.glob("global_step*") if glob.glob(str(entry / "*_optim_states.pt"))),
+                  key=lambda entry: (len(entry.name), entry.name))
+    if tags:
+        raise CheckpointError(
+            f"{folder} holds no `latest` file but the tag folder(s) {', '.join(tag.name for tag in tags)}: "
+            f"set input_folder={tags[-1]} (or write its tag into {folder / 'latest'})."
+        )
     raise CheckpointError(
         f"{folder} holds no DeepSpeed optimizer files (*_optim_states.pt) and no `latest` file naming a tag folder."
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import dsconst as C
 from .. import ptfile
+from ..console import human_size
 from ..errors import CheckpointError
 from ..fileio import copy_file, remove_leftovers, write_text
 from ..markers import retract_latest_universal, write_marker
@@ -117,7 +118,7 @@ def finalize_job(output_folder: str, latest_path: str, params_path: str, copy_fi
 def summary_line(summary: Mapping[str, Any], seconds: float) -> str:
     folder = summary["output_folder"]
     return (
-        f"ucpflow: wrote {folder} ({summary['parameters']} parameters, {summary['bytes'] / 1e9:.2f} GB) "
+        f"ucpflow: wrote {folder} ({summary['parameters']} parameters, {human_size(summary['bytes'])}) "
         f"in {seconds:.1f} s. To resume training from it, add \"checkpoint\": {{\"load_universal\": true}} "
         f"to the DeepSpeed config and load the checkpoint from {os.path.dirname(os.path.abspath(folder))}."
     )
