@@ -52,6 +52,11 @@ def run(snakemake: Snakemake, main: Callable[[], object], announce: bool = False
             print(f"ucpflow: {_job_name(snakemake)}: {result} in {seconds:.1f} s", file=terminal, flush=True)
 
 
+def tell(line: str) -> None:
+    """Print `line` on the terminal at once, from inside `run`'s `main()` (whose stdout and stderr go to the log)."""
+    print(line, file=sys.__stderr__, flush=True)
+
+
 class JobFailed(Exception):
     """A job run inside Snakemake's process failed; its one-sentence reason is in the message."""
 
