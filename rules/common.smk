@@ -19,7 +19,7 @@ os.environ.update(
 
 from ucpflow.config import (
     Settings,
-    coerce_booleans,
+    coerce_command_line_values,
     explain_validation_error,
     forget_vanished_demo,
 )
@@ -50,7 +50,7 @@ from ucpflow.tables import (
 
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 try:
-    coerce_booleans(config, SCHEMA)
+    coerce_command_line_values(config, SCHEMA)
     validate(config, schema="../schemas/config.schema.yaml", set_default=True)
     SETTINGS = Settings.from_config(config)
     # Every job (a fresh process, possibly on another node) reads the user's extra allowed globals from here.
@@ -319,7 +319,9 @@ def print_help(log_path):
     (printed, and written to `log_path`)."""
     targets = []
     for name in USER_TARGETS:
-        kind, _, description = (getattr(rules, name).rule.docstring or "").partition(": ")
+        kind, _, description = (getattr(rules, name).rule.docstring or "").partition(
+            ": "
+        )
         default = "(the default; also `all`) " if "default" in kind else ""
         targets.append((name, default + description))
     text = help_text(SCHEMA, targets)

@@ -1,5 +1,5 @@
 rule demo_checkpoint:
-    """Train the demo GPT with real DeepSpeed (CPU processes) and save its checkpoint."""
+    """Train the demo model of demo.kind with real DeepSpeed (CPU processes) and save its checkpoint."""
     output:
         latest=f"{SETTINGS.demo_folder}/latest",
     log:

@@ -17,6 +17,7 @@ rule inspect:
         inject_missing_state=config["inject_missing_state"],
         merge_job_bytes=config["merge_job_bytes"],
         merge_min_jobs=config["merge_min_jobs"],
+        hf_config=config["hf_config"],
     script:
         "../scripts/inspect.py"
 

@@ -15,9 +15,10 @@ def main():
         min_jobs=snakemake.params.merge_min_jobs,
         model_config=snakemake.params.hf_config,
     )
-    print(f"{layout.folder}: ZeRO stage {layout.zero_stage}, pp={layout.pp_degree} tp={layout.tp_degree} "
-          f"dp={layout.dp_degree}, {len(layout.rank_files)} rank files, {len(params)} parameters "
-          f"in {len({p.bucket for p in params})} merge jobs")
+    line = (f"{layout.folder}: ZeRO stage {layout.zero_stage}, pp={layout.pp_degree} tp={layout.tp_degree} "
+            f"dp={layout.dp_degree}, {len(layout.rank_files)} rank files, {len(params)} parameters "
+            f"in {len({p.bucket for p in params})} merge jobs")
+    return line
 
 
-run(snakemake, main)
+run(snakemake, main, announce=True)

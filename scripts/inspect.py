@@ -13,6 +13,7 @@ def main():
         inject_missing_state=snakemake.params.inject_missing_state,
         job_bytes=snakemake.params.merge_job_bytes,
         min_jobs=snakemake.params.merge_min_jobs,
+        hf_config=snakemake.params.hf_config,
     )
     write_inspection(summary, tables, snakemake.output.summary.rsplit("/", 1)[0])
     plot_parameter_bytes(tables.get("parameters"), snakemake.output.plot)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from export_cases import PER_HEAD_TP2_PP2
+from test_demo_kinds import SCHEDULING
 from test_umask import modes_under
 
 # The smallest demo DeepSpeed trains in a few seconds: its tag is global_step1.
@@ -54,6 +55,11 @@ def test_the_demo_deleted_is_built_again_with_no_stray_files_and_umask_modes(tmp
     console = succeeds(work, *tiny)
     wrote = [line for line in console.splitlines() if line.startswith("ucpflow: wrote demo/checkpoint/global_step1_universal")]
     assert len(wrote) == 1 and " kB) in " in wrote[0] and "load_universal" in wrote[0], console[-2000:]
+    # The whole console (item 5): the profile's and the config's lines, the training's, the index's, one per merge
+    # job, what was written, and Snakemake's pointer to its log and the elapsed time; no scheduling lines.
+    lines = console.splitlines()
+    assert "ucpflow: training the demo checkpoint (gpt) on 2 processes, about a minute..." in lines, lines
+    assert len(lines) <= 9 and not [line for line in lines if line.startswith(SCHEDULING)], lines
     succeeds(work, "inspect", *tiny)
     succeeds(work, "verify", *tiny)
     demo = work / "demo"

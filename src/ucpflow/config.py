@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .demo import checkpoint_tag
+from .demo import check_demo, checkpoint_tag, demo_checkpoint_folder
 from .errors import UcpflowError
 from .markers import latest_universal_path
 from .source.layout import resolve_tag_folder
@@ -21,14 +22,30 @@ from .source.layout import resolve_tag_folder
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
-def coerce_booleans(config: dict[str, Any], schema_path: Path | str) -> None:
-    """`--config strict=false` arrives as the string 'false'; read such words as the booleans the schema wants."""
+def _coerced(value, spec):
+    if not isinstance(value, str):
+        return value
+    if spec.get("type") == "boolean" and value.lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[value.lower()]
+    if spec.get("type") == "integer" and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        return int(value)
+    return value
+
+
+def coerce_command_line_values(config: dict[str, Any], schema_path: Path | str) -> None:
+    """`--config strict=false` arrives as the string 'false' and `--config 'demo={steps: 2}'` as the string '2':
+    read such words as the booleans and integers the schema wants, in nested settings too."""
     with open(schema_path) as handle:
-        properties = yaml.safe_load(handle).get("properties", {})
-    for key, spec in properties.items():
-        value = config.get(key)
-        if spec.get("type") == "boolean" and isinstance(value, str) and value.lower() in BOOLEAN_WORDS:
-            config[key] = BOOLEAN_WORDS[value.lower()]
+        schema = yaml.safe_load(handle)
+
+    def coerce(values, properties):
+        for key, spec in properties.items():
+            if isinstance(values.get(key), dict) and "properties" in spec:
+                coerce(values[key], spec["properties"])
+            elif key in values:
+                values[key] = _coerced(values[key], spec)
+
+    coerce(config, schema.get("properties", {}))
 
 
 def _unknown_key_sentence(cause, prefix):
@@ -119,7 +136,8 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
-        demo_folder = os.path.normpath(config["demo"]["folder"])
+        check_demo(config["demo"])
+        demo_folder = os.path.normpath(demo_checkpoint_folder(config["demo"]))
         input_folder = os.path.normpath(config.get("input_folder") or demo_folder)
         if input_folder == demo_folder:
             tag_folder = os.path.join(demo_folder, checkpoint_tag(config["demo"]["steps"]))

@@ -1,6 +1,7 @@
-"""The console of a failing run: a job's one `ucpflow error:` sentence and where the logs are, without the
-exception report Snakemake prints after it (RuleException, CalledProcessError, WorkflowError). The report
-still goes to Snakemake's own log file, and `--verbose` shows it on the console too.
+"""The console of a run: the jobs' own lines, without Snakemake's scheduling lines ("Select jobs to execute...",
+"Execute 2 jobs...", "Building DAG of jobs...", ...), and on failure a job's one `ucpflow error:` sentence and
+where the logs are, without the exception report Snakemake prints after it (RuleException, CalledProcessError,
+WorkflowError). Everything still goes to Snakemake's own log file, and `--verbose` shows it on the console too.
 
 Only Python's logging API is used: a filter on the console handlers of Snakemake's logger, which reads each
 record's text (and nothing of Snakemake's internals).
@@ -20,10 +21,25 @@ FOLLOW_UPS = (
     "At least one job did not complete successfully.",
 )
 SENTENCE = "ucpflow error:"
+# Snakemake's scheduling chatter, which says nothing a user acts on (the jobs' own lines say what happens);
+# `--verbose` shows it again. Each is the start of a record's text.
+SCHEDULING = (
+    "Select jobs to execute...",
+    "Execute ",
+    "Building DAG of jobs...",
+    "Using shell:",
+    "Conda environments: ignored",
+    "Assuming unrestricted shared filesystem usage.",
+    "DAG of jobs will be updated after completion.",
+    "Updating checkpoint dependencies.",
+)
+# A dry run's summary of reasons points at per-job reasons that the default profile's `quiet` leaves out.
+NO_JOBS_ABOVE = "(check individual jobs above for details)"
 
 
 class FailedJobReport(logging.Filter):
-    """Drops Snakemake's report of a job that printed its own error line; keeps everything else."""
+    """Drops Snakemake's scheduling lines and its report of a job that printed its own error line; keeps
+    everything else."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,6 +55,13 @@ class FailedJobReport(logging.Filter):
         if f"non-zero exit status {JOB_FAILED_STATUS}." in text:
             return False
         if any(follow_up in text for follow_up in FOLLOW_UPS):
+            return False
+        if NO_JOBS_ABOVE in text:
+            # Printed here without that line, the record left whole for Snakemake's log file.
+            kept = [line for line in text.splitlines() if line.strip() != NO_JOBS_ABOVE]
+            print("\n".join(kept), file=sys.stderr, flush=True)
+            return False
+        if text.startswith(SCHEDULING) and (not text.startswith("Execute ") or text.rstrip().endswith(" jobs...")):
             return False
         # After the closing hint (see `failure_hint`), Snakemake's own pointer to its log is a repetition.
         return not (self.failed and text.startswith(("Complete log(s):", "Elapsed time:")))

@@ -39,7 +39,8 @@ def help_text(schema_path: str, targets: list) -> str:
     width = max(len(name) for name, _ in targets)
     lines += [f"  {name:<{width}}  {description}" for name, description in targets]
     lines.append("")
-    lines.append("Config keys (`--config key=value`, or a YAML file with `--configfile`; from schemas/config.schema.yaml):")
+    lines.append("Config keys (`--config key=value`, nested ones as YAML: `--config 'demo={kind: hf_llama}'`; or a YAML "
+                 "file with `--configfile`; from schemas/config.schema.yaml):")
     for key, default, meaning in config_keys(schema):
         _block(lines, f"  {key} (default: {default})", meaning)
     return "\n".join(lines)

@@ -21,10 +21,11 @@ import pandas as pd
 from . import dsconst as C
 from . import ptfile
 from .errors import CheckpointError, UcpflowError
-from .export.overview import export_overview
+from .export.overview import targets_overview
 from .fileio import atomic_writer, write_text
 from .ptfile.guard import bounded_repr, refusal
 from .source.fragments import build_index
+from .source.hfconfig import find_model_config
 from .source.layout import LAYER_FILE_PATTERN, ZERO3_RANKS_PATTERN, discover, resolve_tag_folder
 from .source.patterns import COLUMN_PARALLEL, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, MergeRule, classify
 from .source.trust import scan_folder
@@ -214,13 +215,15 @@ def layout_summary(layout: Layout) -> dict[str, Any]:
     return summary
 
 
-def conversion_tables(layout: Layout, info: dict, fragments: list[Fragment],
-                      params: list[Parameter]) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """(summary, tables) of an indexed checkpoint; `params` carries the merge plan's buckets."""
+def conversion_tables(layout: Layout, info: dict, fragments: list[Fragment], params: list[Parameter],
+                      hf_config: str = "") -> tuple[dict, dict[str, pd.DataFrame]]:
+    """(summary, tables) of an indexed checkpoint; `params` carries the merge plan's buckets, `hf_config` is the
+    config key of that name."""
     summary = layout_summary(layout)
     summary.update(parameters=len(params), universal_bytes=sum(p.bytes for p in params), blockers=[])
     state = ptfile.load(layout.model_files[0])
-    summary["exports"] = export_overview(state.get("args"), state.get("checkpoint_version"), params)
+    summary["exports"] = targets_overview(state.get("args"), state.get("checkpoint_version"), params,
+                                          find_model_config(layout.folder, hf_config))
     experts = experts_table(params)
     if len(experts):
         summary.update(moe_layers=int(experts["moe_layer"].nunique()), experts=int(experts["experts"].max()),
@@ -236,7 +239,8 @@ def conversion_tables(layout: Layout, info: dict, fragments: list[Fragment],
 
 
 def inspect_checkpoint(input_folder: Path | str, *, strict: bool = True, inject_missing_state: bool = False,
-                       job_bytes: int = 4_000_000_000, min_jobs: int = 2) -> tuple[dict, dict[str, pd.DataFrame]]:
+                       job_bytes: int = 4_000_000_000, min_jobs: int = 2,
+                       hf_config: str = "") -> tuple[dict, dict[str, pd.DataFrame]]:
     """Everything inspect reports, as (summary dict, {table name: DataFrame}); problems become blockers."""
     folder = resolve_tag_folder(input_folder)
     findings = scan_folder(input_folder)
@@ -252,15 +256,15 @@ def inspect_checkpoint(input_folder: Path | str, *, strict: bool = True, inject_
     except CheckpointError as problem:
         return _blocked(layout_summary(layout), folder, layout, problem)
     assign_buckets(params, job_bytes=job_bytes, min_jobs=min_jobs)
-    return conversion_tables(layout, info, fragments, params)
+    return conversion_tables(layout, info, fragments, params, hf_config)
 
 
 def report_tables_job(index: IndexFiles, summary_path: str, plot_path: str) -> None:
     """The inspect tables and the bytes-per-parameter plot of the indexed checkpoint, for `snakemake --report`."""
     info = read_universal_info(index.info)
-    layout = read_index_record(index.layout, info).layout
-    summary, tables = conversion_tables(layout, info, list(read_fragments(index.fragments)),
-                                        read_parameters(index.params))
+    record = read_index_record(index.layout, info)
+    summary, tables = conversion_tables(record.layout, info, list(read_fragments(index.fragments)),
+                                        read_parameters(index.params), record.hf_config_folder or "")
     write_inspection(summary, tables, Path(summary_path).parent)
     plot_parameter_bytes(tables["parameters"], plot_path)
 

@@ -28,7 +28,8 @@ def run(snakemake: Snakemake, main: Callable[[], object], announce: bool = False
     A UcpflowError (bad input, bad checkpoint) is reported as one line, both in the log and on the
     terminal; anything else keeps its traceback in the log and gets one line naming the log on the terminal.
     Either way the job exits with status JOB_FAILED_STATUS, whose report the console leaves out (ucpflow.console).
-    With `announce`, the text `main()` returns is printed as the job's one line of progress on the terminal.
+    With `announce`, the text `main()` returns is printed as the job's one line of progress on the terminal (and
+    written to the log).
     """
     terminal = sys.__stderr__
     rule = snakemake.rule
@@ -49,7 +50,13 @@ def run(snakemake: Snakemake, main: Callable[[], object], announce: bool = False
         seconds = time.perf_counter() - started
         print(f"rule {rule} done in {seconds:.2f} s", file=log)
         if announce and result:
+            print(result, file=log)
             print(f"ucpflow: {_job_name(snakemake)}: {result} in {seconds:.1f} s", file=terminal, flush=True)
+
+
+def tell(line: str) -> None:
+    """Print `line` on the terminal at once, from inside `run`'s `main()` (whose stdout and stderr go to the log)."""
+    print(line, file=sys.__stderr__, flush=True)
 
 
 class JobFailed(Exception):

@@ -1,12 +1,16 @@
-"""What `inspect` says about the exports of a Megatron-DeepSpeed checkpoint, from its args and parameter table
-alone (before any conversion): the model family, the fused QKV layout and what `hf` and `megatron` will do."""
+"""What `inspect` says about the exports of a checkpoint, from its args, parameter table and model config alone
+(before any conversion): for a Megatron-DeepSpeed checkpoint the model family, the fused QKV layout and what `hf`
+and `megatron` will do; for any other, which of them applies and why the others do not."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UcpflowError
+from ..source.hfconfig import CONFIG_FILE
 from . import qkv_layout
 from .hf import GPT2, LLAMA, model_family
 from .source import SourceModel, Weight, classify_parameters
@@ -65,3 +69,25 @@ def export_overview(args: object, checkpoint_version: float | None, params: Sequ
                  + "norms replicated, " + ("the output layer on the last stage" if source.has_output_layer
                                            else "the tied embeddings on the first and last stage"))
     return lines
+
+
+
+def _architecture(config_folder):
+    config = json.loads((Path(config_folder) / CONFIG_FILE).read_text())
+    return ", ".join(config.get("architectures") or ()) or f"model_type {config.get('model_type')}"
+
+
+def targets_overview(args: object, checkpoint_version: float | None, params: Sequence[Parameter],
+                     model_config: Path | str | None) -> list[str]:
+    """Lines for inspect's summary saying what `hf` and `megatron` do with the checkpoint, or why they do not
+    apply; `model_config` is the folder of the transformers config.json found for it (or None)."""
+    if hasattr(args, "num_layers"):
+        return export_overview(args, checkpoint_version, params)
+    megatron = ("megatron: does not apply: the checkpoint records no Megatron-LM args, and only Megatron-DeepSpeed "
+                "GPT models can be written as Megatron-LM checkpoints")
+    if model_config is not None:
+        return [f"hf: applies: a transformers model ({_architecture(model_config)}, configured by "
+                f"{Path(model_config) / CONFIG_FILE}), written as its save_pretrained writes it", megatron]
+    return ["hf: does not apply: the checkpoint records no Megatron-LM args and no transformers config.json lies "
+            "beside or above its tag folder, so it is neither model the export writes (config key hf_config names "
+            "the config folder of a transformers model saved elsewhere)", megatron]

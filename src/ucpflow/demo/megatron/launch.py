@@ -20,16 +20,18 @@ DEFAULT_TIMEOUT = 900
 RESERVED_OPTIONS = ("tp", "pp", "dp", "save_dir", "resume_universal", "resume_checkpoint")
 
 
-def build_checkpoint(save_dir, *, tp: int, pp: int, dp: int, timeout: float = DEFAULT_TIMEOUT, **options) -> Path:
+def build_checkpoint(save_dir, *, tp: int, pp: int, dp: int, timeout: float = DEFAULT_TIMEOUT, log_path=None,
+                     **options) -> Path:
     """Train on tp * pp * dp processes and save a DeepSpeed checkpoint into `save_dir`; return its tag folder.
 
     `options` are train.py's options in Python spelling (steps=3, dtype="fp32", swiglu=True,
     qkv_layout="blocks", universal_info=False, unmatched_pattern=["nothing"], losses_out=path, ...).
-    The tag folder is save_dir/global_step{steps}; the launcher's output goes to <save_dir>.log.
+    The tag folder is save_dir/global_step{steps}; the launcher's output goes to `log_path` (default
+    <save_dir>.log).
     """
     save_dir = Path(save_dir)
     args = _train_args(options, tp=tp, pp=pp, dp=dp, save_dir=save_dir)
-    log_path = save_dir.with_name(save_dir.name + ".log")
+    log_path = Path(log_path) if log_path else save_dir.with_name(save_dir.name + ".log")
     _launch(args, log_path, timeout, f"building the checkpoint in {save_dir}")
     return saved_tag_folder(save_dir, args.steps, log_path)
 
