@@ -28,7 +28,7 @@ from .dtypes import (
 )
 from .opaque import Opaque, opaque_instance
 from .reader import load
-from .standins import ArrayTensor, Device, Size, StorageRef, TensorRef
+from .standins import ArrayTensor, Device, Size, StorageRef, StreamTensor, TensorRef
 from .unpickler import UntrustedGlobalError
 from .writer import save
 
@@ -39,6 +39,7 @@ __all__ = [
     "Opaque",
     "Size",
     "StorageRef",
+    "StreamTensor",
     "TensorRef",
     "UntrustedGlobalError",
     "bfloat16_bits_to_float32",
@@ -49,4 +50,4 @@ __all__ = [
     "save",
 ]
 
-untrusted.register_leaves(TensorRef, StorageRef, DType, Size, Device, ArrayTensor)
+untrusted.register_leaves(TensorRef, StorageRef, DType, Size, Device, ArrayTensor, StreamTensor)

@@ -255,3 +255,27 @@ class ArrayTensor:
 
     def __repr__(self):
         return f"ArrayTensor(dtype={self.dtype}, shape={self.shape})"
+
+
+class StreamTensor:
+    """A tensor for `save` whose bytes come from `chunks()`, a callable returning an iterable of
+    bytes-like pieces that together hold exactly `nbytes`: a record built piece by piece (e.g. one
+    parameter's slice at a time) is written without ever holding the whole tensor in memory."""
+
+    __slots__ = ("dtype", "shape", "chunks")
+
+    def __init__(self, dtype, shape, chunks):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported torch dtype name {dtype!r}")
+        self.dtype, self.shape, self.chunks = dtype, tuple(shape), chunks
+
+    @property
+    def numel(self):
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self):
+        return self.numel * _DTYPES[self.dtype][0]
+
+    def __repr__(self):
+        return f"StreamTensor(dtype={self.dtype}, shape={self.shape})"
