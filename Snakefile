@@ -19,6 +19,7 @@ include: "rules/extract.smk"
 include: "rules/merge.smk"
 include: "rules/finalize.smk"
 include: "rules/inspect.smk"
+include: "rules/reshard.smk"
 include: "rules/export.smk"
 include: "rules/verify.smk"
 

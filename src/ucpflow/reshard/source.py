@@ -77,6 +77,16 @@ def _module_dtype(path, module, groups):
     raise CheckpointError(f"{path}: the module holds none of the optimizer's parameters, so its precision is unknown.")
 
 
+def saved_precision(path: str) -> str:
+    """bf16, fp16 or fp32: the precision a model-states file's module weights were trained in."""
+    model_state = ptfile.load(path)
+    module = model_state.get(MODULE) if isinstance(model_state, dict) else None
+    shapes = model_state.get(C.PARAM_SHAPES) if isinstance(model_state, dict) else None
+    if not isinstance(module, dict) or not isinstance(shapes, list):
+        raise CheckpointError(f"{path} holds no `module` and `{C.PARAM_SHAPES}`: it was not saved by a ZeRO optimizer.")
+    return _module_dtype(path, module, [list(group.items()) for group in shapes])
+
+
 def _step(universal_folder, stage, groups, optimizer_state):
     if stage > 2:
         states = (optimizer_state.get(C.OPTIMIZER_STATE_DICT) or {}).get("state") or {}
