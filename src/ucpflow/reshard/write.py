@@ -303,14 +303,18 @@ def model_state(source: SourceModel, target: Target, rank: int) -> dict:
     shapes.update(source.frozen)
     shared = saved.get(SHARED_PARAMS) or {}
     dtype = target.torch_dtype
-    module = OrderedDict()
+    module, streams = OrderedDict(), {}
     for name, value in source.module.items():
+        owner = shared.get(name, name)
         if name in buffers:
             module[name] = _buffer(value, source, target)
         elif target.stage > 2:
             module[name] = ArrayTensor(np.empty(0, dtype=ptfile.numpy_dtype(dtype)), dtype)
         else:
-            module[name] = _whole_stream(weight(name), shapes[shared.get(name, name)], dtype)
+            # A tied weight is the same tensor object as its owner's: written once, as torch.save shares it.
+            if owner not in streams:
+                streams[owner] = _whole_stream(weight(owner), shapes[owner], dtype)
+            module[name] = streams[owner]
     state = dict(saved)
     state[MODULE] = module
     frozen_shapes = OrderedDict((name, Size(shape)) for name, shape in source.frozen)
