@@ -8,6 +8,7 @@ universal checkpoint of the source, the source's step, LR and global steps, and 
 """
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,85 @@ def test_a_second_run_with_another_degree_leaves_only_the_new_files(sources, tmp
     assert all(t.dtype == torch.float32 for t in state["module"].values())
     again = source.reshard(folder, target_dp=1, target_zero_stage=2, target_dtype="fp32")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def reshard_refusal(workdir, **config):
+    """stderr of a reshard run that must fail, and whether it wrote anything into the reshard folder."""
+    result = snakemake(workdir, "reshard", config=config)
+    assert result.returncode != 0
+    return result.stderr
+
+
+@pytest.mark.parametrize("key, value, phrase", [
+    ("target_dp", 0, "Config key `target_dp`: 0 is less than the minimum of 1."),
+    ("target_zero_stage", 4, "Config key `target_zero_stage`: 4 is not one of"),
+    ("target_zero_stage", 0, "Config key `target_zero_stage`: 0 is not one of"),
+    ("target_dtype", "fp8", "Config key `target_dtype`: 'fp8' is not one of"),
+])
+def test_a_target_deepspeed_cannot_load_is_refused_by_the_config(tmp_path, key, value, phrase):
+    source = tmp_path / "checkpoint" / "global_step4"
+    source.mkdir(parents=True)
+    folder = tmp_path / "reshard"
+    stderr = reshard_refusal(tmp_path / "run", input_folder=source, output_folder=tmp_path / "universal",
+                             reshard_folder=folder, **{key: value})
+    assert phrase in stderr
+    assert not folder.exists() and not (tmp_path / "universal").exists()
+
+
+@pytest.mark.parametrize("where", ["inside", "parent"])
+def test_a_reshard_folder_inside_or_holding_the_input_is_refused(tmp_path, where):
+    source = tmp_path / "checkpoint" / "global_step4"
+    source.mkdir(parents=True)
+    folder = source / "resharded" if where == "inside" else source.parent
+    stderr = reshard_refusal(tmp_path / "run", input_folder=source, output_folder=tmp_path / "universal",
+                             reshard_folder=folder, target_dp=3)
+    assert f"ucpflow error: Config key `reshard_folder`: {folder}" in stderr
+    assert sorted(p.name for p in source.parent.rglob("*")) == ["global_step4"]
+
+
+def test_fp16_from_a_bf16_source_is_refused_before_anything_is_written(deepspeed_checkpoint, tmp_path):
+    tag = copy_tag(deepspeed_checkpoint("z1_bf16_dp2", **SOURCES["z1_bf16_dp2"]), tmp_path / "checkpoint")
+    folder = tmp_path / "reshard"
+    stderr = reshard_refusal(tmp_path / "run", input_folder=tag, output_folder=tmp_path / "universal" / "u",
+                             reshard_folder=folder, target_dtype="fp16")
+    assert "ucpflow error: Config key `target_dtype`: " in stderr and "was trained in bf16" in stderr
+    assert not folder.exists()
+
+
+def test_a_tensor_parallel_source_is_refused_with_a_pointer_to_the_universal_checkpoint(megatron_checkpoint, tmp_path):
+    tag = copy_tag(megatron_checkpoint("t2p1d2", tp=2, pp=1, dp=2), tmp_path / "checkpoint")
+    folder = tmp_path / "reshard"
+    stderr = reshard_refusal(tmp_path / "run", input_folder=tag, output_folder=tmp_path / "universal" / "u",
+                             reshard_folder=folder, target_dp=1)
+    assert "is a tensor/pipeline-parallel checkpoint (tp=2, pp=1), which reshard does not write" in stderr
+    assert '"load_universal": true' in stderr
+    assert not folder.exists()
+
+
+class NotAllowed:
+    """A class no allowlist names: a pickle of it stands for the HF Trainer's training_args.bin."""
+
+
+LLAMA = dict(model="llama", zero_stage=3, dtype="bf16", freeze=["model.embed_tokens.weight"])
+
+
+def test_hf_trainer_layout_reshards_and_carries_its_side_files(trainer_checkpoint, tmp_path):
+    """A transformers llama (ZeRO-3, bf16, a frozen embedding) saved in the HF Trainer's checkpoint-N layout:
+    the reshard to its own layout is DeepSpeed's files, and the files beside the tag folder are carried,
+    except a pickle naming a global outside the allowlist, which the run names."""
+    tag = trainer_checkpoint("llama_z3_bf16_frozen", **LLAMA)
+    source = tmp_path / tag.parent.name
+    shutil.copytree(tag.parent, source)
+    (source / "trainer_state.json").write_text('{"global_step": 2}\n')
+    torch.save({"base_lrs": [0.01], "last_epoch": 2, "_step_count": 3}, source / "scheduler.pt")
+    torch.save({"args": NotAllowed()}, source / "training_args.bin")
+    folder = tmp_path / "resharded"
+    result = snakemake(tmp_path / "run", "reshard", check=True,
+                       config={"input_folder": source, "output_folder": tmp_path / "universal" / "u",
+                               "reshard_folder": folder})
+    assert "not carried: training_args.bin (it names `test_reshard.NotAllowed`" in result.stderr
+    assert file_differences(folder / tag.name, tag) == []
+    carried = sorted(p.name for p in folder.iterdir())
+    assert carried == sorted(["config.json", "generation_config.json", "latest", "scheduler.pt", tag.name,
+                              "trainer_state.json", "zero_to_fp32.py", "zero_to_torch.py"])
+    assert torch.load(folder / "scheduler.pt", weights_only=True)["last_epoch"] == 2
