@@ -90,3 +90,23 @@ rule reshard:
     input:
         rules.reshard_finalize.output[0],
     localrule: True
+
+
+rule inspect_reshard:
+    """What `reshard` would write for target_dp and target_zero_stage: files and tensor bytes per rank."""
+    input:
+        checkpoint_input,
+    output:
+        f"{INSPECT}/reshard.md",
+    log:
+        f"{LOGS}/inspect_reshard.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        input_folder=SETTINGS.input_folder,
+        target_dp=config["target_dp"],
+        target_zero_stage=config["target_zero_stage"],
+        target_dtype=config["target_dtype"],
+        sub_group_size=config["reshard_sub_group_size"],
+    script:
+        "../scripts/reshard_inspect.py"

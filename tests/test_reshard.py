@@ -237,3 +237,37 @@ def test_hf_trainer_layout_reshards_and_carries_its_side_files(trainer_checkpoin
     assert carried == sorted(["config.json", "generation_config.json", "latest", "scheduler.pt", tag.name,
                               "trainer_state.json", "zero_to_fp32.py", "zero_to_torch.py"])
     assert torch.load(folder / "scheduler.pt", weights_only=True)["last_epoch"] == 2
+
+
+def tensor_bytes(path):
+    """Bytes of the distinct storages a .pt file holds."""
+    storages = {}
+
+    def walk(value):
+        if torch.is_tensor(value):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr(), storage.nbytes()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(torch.load(path, weights_only=False))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dp, stage", [(3, 1), (2, 3)])
+def test_inspect_reshard_tells_the_files_and_bytes_a_reshard_writes(sources, tmp_path, dp, stage):
+    source = sources("z2_fp32_dp3_odd_frozen")
+    folder = tmp_path / "reshard"
+    source.reshard(folder, target_dp=dp, target_zero_stage=stage)
+    config = {"input_folder": source.input, "output_folder": source.universal, "target_dp": dp,
+              "target_zero_stage": stage, "inspect_folder": tmp_path / "inspect"}
+    snakemake(source.root / "run", "inspect_reshard", config=config, check=True)
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "inspect" / "reshard.md").read_text().splitlines()
+            if line.startswith("| ") and "_states.pt" in line]
+    told = {name.strip(): int(size.replace(",", "")) for name, _, _, size in rows}
+    written = {path.name: tensor_bytes(path) for path in (folder / source.tag.name).glob("*.pt")}
+    assert told == written

@@ -11,11 +11,14 @@ import os
 import re
 from pathlib import Path
 
+from .. import dsconst as C
 from ..errors import UcpflowError
 from ..fileio import copy_file, remove_leftovers, write_text
+from ..layout import discover, load_structure
 from ..markers import retract, write_marker
 from .carry import carried_files, copy_side_files
-from .source import read_source, saved_precision
+from .overview import reshard_overview
+from .source import MODULE, frozen_parameters, optimized_groups, read_source, saved_precision
 from .write import Target, model_file_name, optim_file_name, write_model_file, write_optimizer_file
 
 LATEST = "latest"
@@ -121,3 +124,28 @@ def finalize_job(plan_path: str, reshard_folder: str, output: str) -> str:
             copy_file(scripts / script, os.path.join(reshard_folder, script))
     write_marker(output, plan["tag"])
     return f"wrote {reshard_folder}/{plan['tag']} for {target.dp} ranks at ZeRO-{target.stage} {target.dtype}"
+
+
+def inspect_job(input_folder: str, output: str, *, target_dp, target_stage, target_dtype: str,
+                sub_group_size: int) -> str:
+    """Write (and return) a Markdown table of the files reshard would write and their tensor bytes."""
+    layout = discover(input_folder)
+    check_source(vars(layout))
+    path = layout.model_files[0]
+    model_state = load_structure(path)
+    groups = optimized_groups(path, model_state)
+    buffers = set(model_state.get(C.BUFFER_NAMES) or [])
+    buffer_bytes = sum(value.nbytes for name, value in model_state[MODULE].items() if name in buffers)
+    source_dtype = saved_precision(path)
+    target = Target(int(target_dp or layout.dp_degree), int(target_stage or layout.zero_stage),
+                    target_dtype or source_dtype)
+    check_precision(source_dtype, target.dtype, layout.folder)
+    rows = reshard_overview(groups, frozen_parameters(model_state, groups), buffer_bytes, target, sub_group_size)
+    lines = [f"reshard of {layout.folder} (dp={layout.dp_degree}, ZeRO-{layout.zero_stage}, {source_dtype}) "
+             f"to dp={target.dp}, ZeRO-{target.stage}, {target.dtype}:", "",
+             "| file | kind | rank | tensor bytes |", "|---|---|---|---|"]
+    lines += [f"| {row['file']} | {row['kind']} | {row['rank']} | {row['bytes']:,} |" for row in rows]
+    lines.append(f"| total | | | {sum(row['bytes'] for row in rows):,} |")
+    text = "\n".join(lines) + "\n"
+    write_text(output, text)
+    return text

@@ -110,6 +110,29 @@ def _zero_stage(path, optimizer_state):
     return stage
 
 
+def optimized_groups(path: str, model_state: dict) -> list:
+    """Per parameter group, [(name, shape)] of its trainable parameters in the optimizer's order."""
+    shapes = model_state.get(C.PARAM_SHAPES) if isinstance(model_state, dict) else None
+    if not isinstance(shapes, list) or not shapes:
+        raise CheckpointError(f"{path} has no `{C.PARAM_SHAPES}`: it was not saved by a ZeRO optimizer.")
+    return [[(name, tuple(int(d) for d in shape)) for name, shape in group.items()] for group in shapes]
+
+
+def frozen_parameters(model_state: dict, groups: list) -> list:
+    """[(name, shape)] of the module's parameters outside the optimizer (not buffers, not tied copies)."""
+    trainable = {name for group in groups for name, _ in group}
+    buffers = set(model_state.get(C.BUFFER_NAMES) or [])
+    shared = set(model_state.get(SHARED_PARAMS) or {})
+    frozen_shapes = model_state.get(C.FROZEN_PARAM_SHAPES) or {}
+    frozen = []
+    for name, value in model_state[MODULE].items():
+        if name in trainable or name in buffers or name in shared:
+            continue
+        shape = frozen_shapes.get(name, getattr(value, "shape", None))
+        frozen.append((name, tuple(int(d) for d in shape)))
+    return frozen
+
+
 def read_source(universal_folder: str) -> SourceModel:
     """Read the universal checkpoint's model states (the first file) and optimizer settings."""
     files = model_state_files(universal_folder)
@@ -119,24 +142,12 @@ def read_source(universal_folder: str) -> SourceModel:
     model_state = ptfile.load(path)
     if not isinstance(model_state, dict) or not isinstance(model_state.get(MODULE), dict):
         raise CheckpointError(f"{path} holds no `module` state dict.")
-    shapes = model_state.get(C.PARAM_SHAPES)
-    if not isinstance(shapes, list) or not shapes:
-        raise CheckpointError(f"{path} has no `{C.PARAM_SHAPES}`: it was not saved by a ZeRO optimizer.")
-    groups = [[(name, tuple(int(d) for d in shape)) for name, shape in group.items()] for group in shapes]
+    groups = optimized_groups(path, model_state)
     optimizer_path = os.path.join(universal_folder, "zero", OPTIMIZER_STATE_FILE)
     optimizer_state = ptfile.load(optimizer_path)
     stage = _zero_stage(optimizer_path, optimizer_state)
     module = model_state[MODULE]
-    trainable = {name for group in groups for name, _ in group}
-    buffers = set(model_state.get(C.BUFFER_NAMES) or [])
-    shared = set(model_state.get(SHARED_PARAMS) or {})
-    frozen_shapes = model_state.get(C.FROZEN_PARAM_SHAPES) or {}
-    frozen = []
-    for name, value in module.items():
-        if name in trainable or name in buffers or name in shared:
-            continue
-        shape = frozen_shapes.get(name, getattr(value, "shape", None))
-        frozen.append((name, tuple(int(d) for d in shape)))
+    frozen = frozen_parameters(model_state, groups)
     return SourceModel(
         universal_folder=universal_folder,
         model_state_path=path,
