@@ -16,6 +16,7 @@ import torch
 from conftest import convert, copy_tag, snakemake
 from universal_compare import compare_objects
 
+from ucpflow.demo.launch import resume_from_universal
 from ucpflow.demo.reshard_check import load_and_dump
 
 SOURCES = {
@@ -115,6 +116,7 @@ CASES = {
     "z3_dp2_to_z3_dp3": ("z3_bf16_dp2", 3, 3),
     "z2_fp32_odd_frozen_dp3_to_z2_dp2": ("z2_fp32_dp3_odd_frozen", 2, 2),
 }
+UNIVERSAL_LOSS_CASE = "z1_dp2_to_z1_dp3"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -126,7 +128,12 @@ def test_deepspeed_loads_the_reshard(sources, case, tmp_path):
     dtype = SOURCES[name]["dtype"]
     dump = load_and_dump(folder, tmp_path / "dump.pt", num_procs=dp, zero_stage=stage, dtype=dtype,
                          **source.model_options())
-    check_loaded(dump, source)
+    loaded = check_loaded(dump, source)
+    if case == UNIVERSAL_LOSS_CASE:
+        # One more step from the universal checkpoint at the same degree and stage: the same loss.
+        losses = resume_from_universal(source.universal.parent, num_procs=dp, losses_out=tmp_path / "universal.json",
+                                       steps=1, zero_stage=stage, dtype=dtype, **source.model_options())
+        assert losses == loaded["losses"]
 
 
 def test_round_trip_gives_back_deepspeeds_files(sources, tmp_path):

@@ -153,6 +153,15 @@ def _has_moments(source: SourceModel) -> bool:
     return source.step is not None
 
 
+def _step(source: SourceModel):
+    """Adam's step for one flat group's state: a tensor of its own (torch increments it in place, so groups
+    sharing one would count each step once per group), or the number an older torch saved."""
+    step = source.step
+    if isinstance(step, TensorRef):
+        return ArrayTensor(step.read_array().copy(), step.dtype)
+    return step
+
+
 def zero12_optimizer_state(source: SourceModel, target: Target, rank: int) -> dict:
     """The `optimizer_state_dict` of DeepSpeedZeroOptimizer.state_dict() on `rank` (rigid, not elastic)."""
     states, flats, paddings, alignment, mappings = {}, [], [], [], []
@@ -160,7 +169,7 @@ def zero12_optimizer_state(source: SourceModel, target: Target, rank: int) -> di
         names = [name for name, _ in group]
         partition = zero12_partition(_numels(group), target.dp, rank)
         if _has_moments(source):
-            state = {"step": source.step}
+            state = {"step": _step(source)}
             for moment in MOMENTS:
                 state[moment] = flat_stream(source, names, partition, moment, partition.numel)
             states[index] = state
@@ -199,7 +208,7 @@ def zero3_optimizer_state(source: SourceModel, target: Target, rank: int, sub_gr
             sub_group = len(flats)
             members[index].append(sub_group)
             if _has_moments(source):
-                state = {"step": source.step}
+                state = {"step": _step(source)}
                 for moment in MOMENTS:
                     state[moment] = flat_stream(source, names, partition, moment, partition.numel)
                 states[sub_group] = state
