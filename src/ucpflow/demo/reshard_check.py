@@ -13,8 +13,13 @@ import argparse
 import os
 from pathlib import Path
 
-from ucpflow.demo.launcher import (exit_finished_rank, options_to_argv, parse_options, remove_shm_allreduce_segments,
-                                   run_deepspeed)
+from ucpflow.demo.launcher import (
+    exit_finished_rank,
+    options_to_argv,
+    parse_options,
+    remove_shm_allreduce_segments,
+    run_deepspeed,
+)
 from ucpflow.demo.train import add_model_arguments, add_training_arguments
 
 CHECK_SCRIPT = Path(__file__)

@@ -18,8 +18,20 @@ from ..layout import discover, load_structure
 from ..markers import retract, write_marker
 from .carry import carried_files, copy_side_files
 from .overview import reshard_overview
-from .source import MODULE, frozen_parameters, optimized_groups, read_source, saved_precision
-from .write import Target, model_file_name, optim_file_name, write_model_file, write_optimizer_file
+from .source import (
+    MODULE,
+    frozen_parameters,
+    optimized_groups,
+    read_source,
+    saved_precision,
+)
+from .write import (
+    Target,
+    model_file_name,
+    optim_file_name,
+    write_model_file,
+    write_optimizer_file,
+)
 
 LATEST = "latest"
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # engine._copy_recovery_script

@@ -6,7 +6,6 @@ job's memory stays at one piece however large the partition.
 """
 
 import copy
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -15,10 +14,25 @@ import numpy as np
 from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
-from ..ptfile import ArrayTensor, Size, StreamTensor, TensorRef
-from ..ptfile.opaque import opaque_instance
-from .plan import FlatPartition, Piece, fragment_addresses, zero3_partition, zero3_slice, zero3_sub_groups, zero12_partition
-from .source import FP32, MODULE, MOMENTS, SHARED_PARAMS, TORCH_DTYPES, SourceModel, model_state_files, read_elements
+from ..ptfile import ArrayTensor, Size, StreamTensor, TensorRef, opaque_instance
+from .plan import (
+    FlatPartition,
+    fragment_addresses,
+    zero3_partition,
+    zero3_slice,
+    zero3_sub_groups,
+    zero12_partition,
+)
+from .source import (
+    FP32,
+    MODULE,
+    MOMENTS,
+    SHARED_PARAMS,
+    TORCH_DTYPES,
+    SourceModel,
+    model_state_files,
+    read_elements,
+)
 
 CHUNK_ELEMENTS = 4 << 20  # elements read and written at a time
 FRAGMENT_ADDRESS = ("deepspeed.utils.tensor_fragment", "fragment_address")
