@@ -77,23 +77,28 @@ def universal_state(universal, name, state):
     return value["param"] if isinstance(value, dict) else value
 
 
-def check_loaded(dump_path, source, steps=4):
-    """DeepSpeed's loaded states equal the source's universal checkpoint; it trains on to a finite loss."""
+def check_loaded(dump_path, universal):
+    """DeepSpeed's loaded states equal the universal checkpoint of the source; so do the step, the LR and the
+    global steps; it trains on to a finite loss."""
+    universal = Path(universal)
     dump = torch.load(dump_path, weights_only=False)
     trainable = [name for name in dump["weights"] if name in dump["params"]]
     assert trainable and sorted(dump["params"]) == sorted(trainable)
     for name, states in dump["params"].items():
         for state, loaded in states.items():
-            expected = universal_state(source.universal, name, state)
+            expected = universal_state(universal, name, state)
             # ZeRO-3 universal tensors are flat: compare element by element.
             assert torch.equal(loaded.flatten(), expected.flatten()), (name, state)
     for name, weight in dump["weights"].items():
-        if name not in dump["params"] and (source.universal / "zero" / name).is_dir():  # frozen or tied
-            expected = universal_state(source.universal, name, "fp32").to(weight.dtype)
+        if name not in dump["params"] and (universal / "zero" / name).is_dir():  # frozen or tied
+            expected = universal_state(universal, name, "fp32").to(weight.dtype)
             assert torch.equal(weight.flatten(), expected.flatten()), name
+    model_state = torch.load(sorted(universal.glob("*model_states.pt"))[0], weights_only=False)
+    optimizer_state = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)
+    steps = model_state["global_steps"]
     assert dump["steps"] == [float(steps)]
     assert dump["engine"]["global_steps"] == steps and dump["engine"]["skipped_steps"] == 0
-    assert dump["engine"]["lr"] == [1e-3]
+    assert dump["engine"]["lr"] == [group["lr"] for group in optimizer_state["param_groups"]]
     assert all(math.isfinite(loss) for loss in dump["losses"])
     return dump
 
@@ -128,7 +133,7 @@ def test_deepspeed_loads_the_reshard(sources, case, tmp_path):
     dtype = SOURCES[name]["dtype"]
     dump = load_and_dump(folder, tmp_path / "dump.pt", num_procs=dp, zero_stage=stage, dtype=dtype,
                          **source.model_options())
-    loaded = check_loaded(dump, source)
+    loaded = check_loaded(dump, source.universal)
     if case == UNIVERSAL_LOSS_CASE:
         # One more step from the universal checkpoint at the same degree and stage: the same loss.
         losses = resume_from_universal(source.universal.parent, num_procs=dp, losses_out=tmp_path / "universal.json",
@@ -244,6 +249,15 @@ def test_hf_trainer_layout_reshards_and_carries_its_side_files(trainer_checkpoin
     assert carried == sorted(["config.json", "generation_config.json", "latest", "scheduler.pt", tag.name,
                               "trainer_state.json", "zero_to_fp32.py", "zero_to_torch.py"])
     assert torch.load(folder / "scheduler.pt", weights_only=True)["last_epoch"] == 2
+
+    # ZeRO-3 DP2 -> ZeRO-2 DP1, loaded by DeepSpeed into the model built from the carried config.json.
+    dp1 = tmp_path / "dp1"
+    snakemake(tmp_path / "run", "reshard", check=True,
+              config={"input_folder": source, "output_folder": tmp_path / "universal" / "u", "reshard_folder": dp1,
+                      "target_dp": 1, "target_zero_stage": 2})
+    dump = load_and_dump(dp1, tmp_path / "dump.pt", num_procs=1, zero_stage=2, dtype="bf16", hf_model=True,
+                         freeze=LLAMA["freeze"], seq_len=16)
+    check_loaded(dump, tmp_path / "universal" / "u")
 
 
 def tensor_bytes(path):

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load-dir", type=Path, help="checkpoint root with a `latest` file")
     parser.add_argument("--dump", type=Path, help="file for the loaded states (rank 0)")
+    parser.add_argument("--hf-model", action="store_true",
+                        help="load a transformers causal LM built from LOAD_DIR/config.json (the HF Trainer's layout) "
+                             "instead of the demo GPT")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     add_model_arguments(parser)
     add_training_arguments(parser)
@@ -50,10 +53,18 @@ def check(args) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     dist.barrier()
     remove_shm_allreduce_segments(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], [dist.get_rank()])
-    config = GPTConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab,
-                       seq_len=args.seq_len)
     # A different seed than the saved run's: every value checked must come from the checkpoint.
-    model = GPT(config, seed=args.seed + 1000)
+    torch.manual_seed(args.seed + 1000)
+    if args.hf_model:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(args.load_dir)
+        args.vocab, args.seq_len = config.vocab_size, min(config.max_position_embeddings, args.seq_len)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    else:
+        config = GPTConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=args.vocab,
+                           seq_len=args.seq_len)
+        model = GPT(config, seed=args.seed + 1000)
     freeze_parameters(model, args.freeze)
     args.resume_universal = None
     engine, _, _, _ = deepspeed.initialize(model=model,
@@ -87,9 +98,15 @@ def check(args) -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     losses = []
     for _ in range(args.steps):
-        batch = synthetic_batch(engine.global_steps, args.micro_batch * world_size, config, seed=args.seed)
-        tokens = batch[rank * args.micro_batch:(rank + 1) * args.micro_batch].to(engine.device)
-        loss = engine(tokens[:, :-1], tokens[:, 1:])
+        if args.hf_model:
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + engine.global_steps)
+            batch = torch.randint(args.vocab, (args.micro_batch * world_size, args.seq_len), generator=generator)
+            tokens = batch[rank * args.micro_batch:(rank + 1) * args.micro_batch].to(engine.device)
+            loss = engine(input_ids=tokens, labels=tokens).loss
+        else:
+            batch = synthetic_batch(engine.global_steps, args.micro_batch * world_size, config, seed=args.seed)
+            tokens = batch[rank * args.micro_batch:(rank + 1) * args.micro_batch].to(engine.device)
+            loss = engine(tokens[:, :-1], tokens[:, 1:])
         engine.backward(loss)
         engine.step()
         mean_loss = loss.detach().float().clone()
