@@ -11,13 +11,17 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import convert, copy_tag, snakemake
 from universal_compare import compare_objects
 
+from ucpflow import ptfile
 from ucpflow.demo.launch import resume_from_universal
 from ucpflow.demo.reshard_check import load_and_dump
+from ucpflow.ptfile import StreamTensor
+from ucpflow.reshard.plan import zero3_slice, zero3_sub_groups, zero12_partition
 
 SOURCES = {
     "z1_bf16_dp2": dict(num_procs=2, zero_stage=1, dtype="bf16"),
@@ -292,3 +296,41 @@ def test_inspect_reshard_tells_the_files_and_bytes_a_reshard_writes(sources, tmp
     told = {name.strip(): int(size.replace(",", "")) for name, _, _, size in rows}
     written = {path.name: tensor_bytes(path) for path in (folder / source.tag.name).glob("*.pt")}
     assert told == written
+
+
+@pytest.mark.parametrize("dp", [1, 2, 3, 7, 64])
+def test_partitions_cover_every_element_once(dp):
+    """Over all ranks, the ZeRO-1/2 and ZeRO-3 partitions hold every element of every parameter exactly once,
+    at DeepSpeed's sizes: a multiple of 2 x dp for the flat ZeRO-1/2 group, ceil(numel / dp) per ZeRO-3 slice."""
+    numels = [5, 1, 64, 499 * 63, 7, 3]
+    seen = {index: [] for index in range(len(numels))}
+    sizes = set()
+    for rank in range(dp):
+        partition = zero12_partition(numels, dp, rank)
+        sizes.add(partition.numel)
+        for piece in partition.pieces:
+            assert 0 <= piece.offset and piece.offset + piece.count <= partition.numel - partition.padding
+            seen[piece.param].append((piece.start, piece.count))
+    assert len(sizes) == 1 and (sizes.pop() * dp) % (2 * dp) == 0
+    for index, numel in enumerate(numels):
+        assert sorted(seen[index])[0][0] == 0 and sum(count for _, count in seen[index]) == numel
+    groups = zero3_sub_groups(numels, dp, sub_group_size=40)
+    assert [index for group in groups for index in group] == list(range(len(numels)))
+    for index, numel in enumerate(numels):
+        covered = sum(zero3_slice(numel, dp, rank)[2] for rank in range(dp))
+        assert covered == numel and zero3_slice(numel, dp, 0)[0] == math.ceil(numel / dp)
+
+
+def test_a_streamed_tensor_is_written_piece_by_piece_and_loads_equal(tmp_path):
+    values = np.arange(10_000, dtype=np.float32)
+    pieces = []
+
+    def chunks():
+        for start in range(0, values.size, 3_000):
+            pieces.append(start)
+            yield values[start:start + 3_000].view(np.uint8)
+
+    ptfile.save({"flat": StreamTensor("float32", (100, 100), chunks)}, tmp_path / "streamed.pt")
+    assert pieces == [0, 3_000, 6_000, 9_000]
+    loaded = torch.load(tmp_path / "streamed.pt", weights_only=True)["flat"]
+    assert torch.equal(loaded, torch.from_numpy(values).reshape(100, 100))
