@@ -15,6 +15,8 @@ checkpoint reshard_plan:
         f"{RESHARD_WORK}/plan.json",
     log:
         f"{LOGS}/reshard/plan.log",
+    benchmark:
+        f"{BENCHMARKS}/reshard/plan.tsv"
     conda:
         "../envs/ucpflow.yaml"
     params:
@@ -36,6 +38,8 @@ rule reshard_rank_file:
         f"{RESHARD_FOLDER}/{{tag}}/{{name}}_states.pt",
     log:
         f"{LOGS}/reshard/{{tag}}/{{name}}.log",
+    benchmark:
+        f"{BENCHMARKS}/reshard/{{tag}}/{{name}}.tsv"
     wildcard_constraints:
         tag=r"[^/]+",
         name=r"[^/]+_(model|optim)",
