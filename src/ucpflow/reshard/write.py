@@ -67,12 +67,6 @@ def model_file_name(target: Target, rank: int) -> str:
     return f"{C.MODEL_FILE_PREFIX}00{C.MODEL_FILE_SUFFIX}"
 
 
-def target_files(target: Target) -> list[str]:
-    """Every file of the target tag folder, model states first."""
-    ranks = range(target.dp) if target.stage > 2 else range(1)
-    return [model_file_name(target, r) for r in ranks] + [optim_file_name(target, r) for r in range(target.dp)]
-
-
 def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return ptfile.float32_to_bfloat16_bits(values)
