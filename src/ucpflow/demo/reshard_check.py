@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load-dir", type=Path, help="checkpoint root with a `latest` file")
     parser.add_argument("--dump", type=Path, help="file for the loaded states (rank 0)")
-    parser.add_argument("--hf-model", action="store_true",
+    parser.add_argument("--hf-model", action=argparse.BooleanOptionalAction, default=False,
                         help="load a transformers causal LM built from LOAD_DIR/config.json (the HF Trainer's layout) "
                              "instead of the demo GPT")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
