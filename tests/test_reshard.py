@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_fp16_layout as fp16_layout
 import torch
 from conftest import convert, copy_tag, snakemake
 from universal_compare import compare_objects
@@ -334,3 +335,22 @@ def test_a_streamed_tensor_is_written_piece_by_piece_and_loads_equal(tmp_path):
     assert pieces == [0, 3_000, 6_000, 9_000]
     loaded = torch.load(tmp_path / "streamed.pt", weights_only=True)["flat"]
     assert torch.equal(loaded, torch.from_numpy(values).reshape(100, 100))
+
+
+def test_fp16_layout_reshards_to_deepspeeds_fp16_files(deepspeed_checkpoint, tmp_path):
+    """The fp16 layout (test_fp16_layout's rewrite of a trained fp32 save; CPU DeepSpeed refuses to train fp16):
+    a reshard to its own degree and stage in fp16 is the same files, under the names DeepSpeed 0.19 gives
+    an fp16 engine's optimizer files (zero_pp_rank_*, the fp16_ prefix being an older DeepSpeed's)."""
+    tag = copy_tag(deepspeed_checkpoint("z2_fp32_frozen", num_procs=2, zero_stage=2, dtype="fp32",
+                                        freeze=["wpe.weight"]), tmp_path / "checkpoint")
+    fp16_layout.rewrite_as_fp16(tag)
+    folder = tmp_path / "reshard"
+    result = snakemake(tmp_path / "run", "reshard", check=True,
+                       config={"input_folder": tag, "output_folder": tmp_path / "universal" / "u",
+                               "reshard_folder": folder})
+    assert "2 ranks at ZeRO-2 fp16" in result.stderr
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    for path in tag.glob("*.pt"):
+        shutil.copyfile(path, expected / path.name.removeprefix("fp16_"))
+    assert file_differences(folder / tag.name, expected) == []
