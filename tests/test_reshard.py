@@ -349,8 +349,14 @@ def test_fp16_layout_reshards_to_deepspeeds_fp16_files(deepspeed_checkpoint, tmp
                        config={"input_folder": tag, "output_folder": tmp_path / "universal" / "u",
                                "reshard_folder": folder})
     assert "2 ranks at ZeRO-2 fp16" in result.stderr
+    # What an fp16 engine saves beyond the rewrite: fp16 frozen fragments, and its config's fp16 section.
     expected = tmp_path / "expected"
     expected.mkdir()
     for path in tag.glob("*.pt"):
-        shutil.copyfile(path, expected / path.name.removeprefix("fp16_"))
+        state = ptfile.load(path)
+        state["ds_config"]["fp16"] = {"enabled": True}
+        fragments = state.get("frozen_param_fragments") or {}
+        for name, tensor in fragments.items():
+            fragments[name] = ptfile.ArrayTensor(tensor.read_array().astype(np.float16), "float16")
+        ptfile.save(state, expected / path.name.removeprefix("fp16_"))
     assert file_differences(folder / tag.name, expected) == []
