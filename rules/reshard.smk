@@ -71,12 +71,27 @@ rule reshard_carry:
         "../scripts/reshard_carry.py"
 
 
+rule reshard_repair_request:
+    """The reshard folder lost a file: this new, empty request file reruns its finalize."""
+    output:
+        f"{RESHARD_WORK}/repair/{{stamp}}",
+    log:
+        f"{LOGS}/reshard/repair/{{stamp}}.log",
+    wildcard_constraints:
+        stamp=r"\d+",
+    localrule: True
+    threads: 0
+    run:
+        Path(output[0]).touch()
+
+
 rule reshard_finalize:
     """Remove files of an earlier plan, add DeepSpeed's recovery scripts, then write `latest` last."""
     input:
         plan=rules.reshard_plan.output[0],
         files=reshard_files,
         carried=rules.reshard_carry.output[0],
+        repair=reshard_repair_request,
     output:
         f"{RESHARD_FOLDER}/latest",
     log:

@@ -42,3 +42,15 @@ def reshard_files(wildcards):
     plan = reshard_plan()
     names = list(plan["model_files"]) + list(plan["optim_files"])
     return [f"{RESHARD_FOLDER}/{plan['tag']}/{name}" for name in names]
+
+
+def reshard_repair_request(wildcards):
+    """A reshard folder whose `latest` exists but that lost a planned file asks for a new, never-seen request
+    file, so that its finalize reruns and the lost file is written again (Snakemake reruns no job for a
+    missing file whose consumers are up to date)."""
+    latest = f"{RESHARD_FOLDER}/latest"
+    if not os.path.exists(latest):
+        return []
+    if all(os.path.exists(path) for path in reshard_files(wildcards)):
+        return []
+    return [f"{RESHARD_WORK}/repair/{os.stat(latest).st_mtime_ns}"]

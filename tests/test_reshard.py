@@ -172,6 +172,14 @@ def test_a_second_run_with_another_degree_leaves_only_the_new_files(sources, tmp
     assert all(t.dtype == torch.float32 for t in state["module"].values())
     again = source.reshard(folder, target_dp=1, target_zero_stage=2, target_dtype="fp32")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # A lost rank file is written again, alone, and `latest` after it.
+    model_file = folder / source.tag.name / names[0]
+    written = model_file.stat().st_mtime_ns
+    (folder / source.tag.name / names[1]).unlink()
+    source.reshard(folder, target_dp=1, target_zero_stage=2, target_dtype="fp32")
+    assert sorted(p.name for p in (folder / source.tag.name).iterdir()) == names
+    assert model_file.stat().st_mtime_ns == written
+    assert (folder / "latest").stat().st_mtime_ns >= (folder / source.tag.name / names[1]).stat().st_mtime_ns
 
 
 def reshard_refusal(workdir, **config):
