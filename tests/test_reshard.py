@@ -368,3 +368,23 @@ def test_fp16_layout_reshards_to_deepspeeds_fp16_files(deepspeed_checkpoint, tmp
             fragments[name] = ptfile.ArrayTensor(tensor.read_array().astype(np.float16), "float16")
         ptfile.save(state, expected / path.name.removeprefix("fp16_"))
     assert file_differences(folder / tag.name, expected) == []
+
+
+BF16_OPTIMIZER_KEYS = ("clip_grad", "base_optimizer_state", "single_partition_of_fp32_groups", "group_paddings",
+                       "partition_count", "ds_version", "param_slice_mappings")  # BF16_Optimizer.state_dict()
+
+
+def test_bf16_optimizer_layout_reshards_to_the_zero_optimizers_files(deepspeed_checkpoint, tmp_path):
+    """A ZeRO-1 bf16 save rewritten into BF16_Optimizer's state layout (no loss scaler, no zero_stage: what
+    DeepSpeed writes with "grad_accum_dtype": "fp32") reshards to the files its ZeRO optimizer saved."""
+    original = deepspeed_checkpoint("z1_bf16_dp2", **SOURCES["z1_bf16_dp2"])
+    tag = copy_tag(original, tmp_path / "checkpoint")
+    for path in tag.glob("*optim_states.pt"):
+        state = ptfile.load(path)
+        optim = state["optimizer_state_dict"]
+        state["optimizer_state_dict"] = {key: optim[key] for key in BF16_OPTIMIZER_KEYS}
+        ptfile.save(state, path)
+    folder = tmp_path / "reshard"
+    snakemake(tmp_path / "run", "reshard", check=True,
+              config={"input_folder": tag, "output_folder": tmp_path / "universal" / "u", "reshard_folder": folder})
+    assert file_differences(folder / tag.name, original) == []

@@ -101,7 +101,10 @@ def _step(universal_folder, stage, groups, optimizer_state):
 
 
 def _zero_stage(path, optimizer_state):
-    """The stage of a saved `ZeroStageEnum` (an opaque stand-in built from its value) or plain int."""
+    """The stage of a saved `ZeroStageEnum` (an opaque stand-in built from its value) or plain int; 1 for
+    BF16_Optimizer's state, which records none (DeepSpeed uses it with ZeRO-1 only)."""
+    if isinstance(optimizer_state, dict) and C.ZERO_STAGE not in optimizer_state:
+        return 1
     value = optimizer_state.get(C.ZERO_STAGE) if isinstance(optimizer_state, dict) else None
     args = getattr(value, "opaque_args", None)
     stage = args[0] if args else value

@@ -15,6 +15,9 @@ from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
 from ..ptfile import ArrayTensor, Size, StreamTensor, TensorRef, opaque_instance
+from ..ptfile.opaque import (
+    _opaque_class,  # a class stand-in to call, as a pickle's REDUCE does
+)
 from .plan import (
     FlatPartition,
     fragment_addresses,
@@ -36,6 +39,8 @@ from .source import (
 
 CHUNK_ELEMENTS = 4 << 20  # elements read and written at a time
 FRAGMENT_ADDRESS = ("deepspeed.utils.tensor_fragment", "fragment_address")
+ZERO_STAGE_ENUM = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
+LOSS_SCALER = ("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
 BF16_PREFIX = "bf16_"
 DS_CONFIG = "ds_config"
 DP_WORLD_SIZE = "dp_world_size"
@@ -138,10 +143,20 @@ class _Fragments:
         return np.concatenate(pieces) if pieces else np.empty(0, dtype=ptfile.numpy_dtype(self.dtype))
 
 
-def _zero_stage(source: SourceModel, stage: int):
-    value = copy.copy(source.optimizer_state[C.ZERO_STAGE])
-    value.opaque_args = (stage,)
-    return value
+def _zero_stage(stage: int):
+    """`ZeroStageEnum(stage)`, pickled as DeepSpeed's enum is: the class called with the value."""
+    return _opaque_class(*ZERO_STAGE_ENUM)(stage)
+
+
+def _global_state(source: SourceModel) -> dict:
+    """Loss scaler, its dynamic flag and the overflow flag as saved; a BF16_Optimizer source saves none, and
+    gets what DeepSpeed's ZeRO optimizer saves for bf16 and fp32 (a static scaler of 1)."""
+    saved = source.optimizer_state
+    return {
+        C.LOSS_SCALER: saved.get(C.LOSS_SCALER) or opaque_instance(*LOSS_SCALER, {"cur_scale": 1.0, "dynamic": False}),
+        "dynamic_loss_scale": saved.get("dynamic_loss_scale", False),
+        "overflow": saved.get("overflow", False),
+    }
 
 
 def _param_groups(source: SourceModel, params_of_group):
@@ -190,13 +205,11 @@ def zero12_optimizer_state(source: SourceModel, target: Target, rank: int) -> di
         ))
     saved = source.optimizer_state
     return {
-        C.LOSS_SCALER: saved[C.LOSS_SCALER],
-        "dynamic_loss_scale": saved["dynamic_loss_scale"],
-        "overflow": saved["overflow"],
+        **_global_state(source),
         C.CLIP_GRAD: saved.get(C.CLIP_GRAD, _ds_config(source).get("gradient_clipping", 1.0)),
         C.BASE_OPTIMIZER_STATE: {"state": states, C.PARAM_GROUPS: _param_groups(source, lambda i: [i])},
         C.SINGLE_PARTITION_OF_FP32_GROUPS: flats,
-        C.ZERO_STAGE: _zero_stage(source, target.stage),
+        C.ZERO_STAGE: _zero_stage(target.stage),
         C.GROUP_PADDINGS: paddings,
         C.PARAM_ALIGNMENT_PADDINGS: alignment,
         C.PARTITION_COUNT: [target.dp] * len(source.groups),
@@ -221,12 +234,9 @@ def zero3_optimizer_state(source: SourceModel, target: Target, rank: int, sub_gr
                     state[moment] = flat_stream(source, names, partition, moment, partition.numel)
                 states[sub_group] = state
             flats.append(flat_stream(source, names, partition, FP32, partition.numel))
-    saved = source.optimizer_state
     return {
-        C.ZERO_STAGE: _zero_stage(source, 3),
-        C.LOSS_SCALER: saved[C.LOSS_SCALER],
-        "dynamic_loss_scale": saved["dynamic_loss_scale"],
-        "overflow": saved["overflow"],
+        C.ZERO_STAGE: _zero_stage(3),
+        **_global_state(source),
         C.PARTITION_COUNT: target.dp,
         C.OPTIMIZER_STATE_DICT: {"state": states, C.PARAM_GROUPS: _param_groups(source, lambda i: members[i])},
         C.FP32_FLAT_GROUPS: flats,
