@@ -29,8 +29,9 @@ SOURCES = {
     "z3_bf16_dp2": dict(num_procs=2, zero_stage=3, dtype="bf16"),
     "z2_fp32_dp3_odd_frozen": dict(num_procs=3, zero_stage=2, dtype="fp32", hidden=63, heads=3, vocab=499,
                                    freeze=["wpe.weight"]),
+    "z2_bf16_dp2_decay_groups": dict(num_procs=2, zero_stage=2, dtype="bf16", decay_groups=True),
 }
-MODEL_OPTIONS = ("hidden", "heads", "vocab", "freeze")
+MODEL_OPTIONS = ("hidden", "heads", "vocab", "freeze", "decay_groups")
 
 
 class Source:
@@ -125,6 +126,7 @@ CASES = {
     "z3_dp2_to_z2_dp2": ("z3_bf16_dp2", 2, 2),
     "z3_dp2_to_z3_dp3": ("z3_bf16_dp2", 3, 3),
     "z2_fp32_odd_frozen_dp3_to_z2_dp2": ("z2_fp32_dp3_odd_frozen", 2, 2),
+    "z2_two_groups_dp2_to_z3_dp3": ("z2_bf16_dp2_decay_groups", 3, 3),
 }
 UNIVERSAL_LOSS_CASE = "z1_dp2_to_z1_dp3"
 

@@ -11,7 +11,11 @@ losses of `--steps` more training steps, so that one launch checks everything of
 
 import argparse
 import os
+import sys
 from pathlib import Path
+
+if not __package__:  # run as a script by the DeepSpeed launcher: import the ucpflow this file belongs to
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ucpflow.demo.launcher import (
     exit_finished_rank,
@@ -46,7 +50,7 @@ def check(args) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from ucpflow.demo.gpt import GPT, GPTConfig, freeze_parameters, synthetic_batch
-    from ucpflow.demo.train import deepspeed_config
+    from ucpflow.demo.train import deepspeed_config, model_parameters
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -67,8 +71,7 @@ def check(args) -> None:
         model = GPT(config, seed=args.seed + 1000)
     freeze_parameters(model, args.freeze)
     args.resume_universal = None
-    engine, _, _, _ = deepspeed.initialize(model=model,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters(model, args.decay_groups),
                                            config=deepspeed_config(args))
     load_path, client_state = engine.load_checkpoint(str(args.load_dir))
     if load_path is None:
