@@ -21,6 +21,7 @@ include: "rules/merge.smk"
 include: "rules/publish.smk"
 include: "rules/finalize.smk"
 include: "rules/inspect.smk"
+include: "rules/reshard.smk"
 include: "rules/export.smk"
 include: "rules/verify.smk"
 

@@ -20,7 +20,7 @@ LAYERS = [
     ["markers", "smk", "demo"],
     ["source"],
     ["stages"],
-    ["verify", "export"],
+    ["verify", "export", "reshard"],
     ["inspect", "config"],
 ]
 LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}

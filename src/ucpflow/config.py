@@ -105,6 +105,18 @@ def forget_vanished_demo(demo_folder: str, derived_folder: str) -> None:
         shutil.rmtree(os.path.join(derived_folder, "index"), ignore_errors=True)
 
 
+def refuse_reshard_folder(reshard_folder: str, tag_folder: str, output_folder: str) -> None:
+    """The reshard's checkpoint root gets a tag folder and `latest` of its own: it must not be the folder that
+    holds the input's tag folder (whose files and `latest` it would overwrite), nor lie in the universal
+    output, which it is written from."""
+    if _is_inside(reshard_folder, output_folder):
+        raise UcpflowError(f"Config key `reshard_folder`: {reshard_folder} lies inside the universal output folder "
+                           f"{output_folder}.")
+    if os.path.realpath(reshard_folder) == os.path.realpath(os.path.dirname(tag_folder)):
+        raise UcpflowError(f"Config key `reshard_folder`: {reshard_folder} holds the input tag folder {tag_folder}, "
+                           "whose files the reshard would overwrite.")
+
+
 @dataclass(frozen=True)
 class Settings:
     input_folder: str
@@ -117,21 +129,21 @@ class Settings:
     hf_folder: str = ""
     megatron_folder: str = ""
     inspect_folder: str = ""
+    reshard_folder: str = ""
 
     @property
     def builds_demo(self) -> bool:
         return os.path.normpath(self.input_folder) == os.path.normpath(self.demo_folder)
 
-    def written_folders(self, config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    def written_folders(self) -> list[tuple[str, str]]:
         """(config key, folder) of every folder a target writes; folder keys added to the schema belong here."""
-        extra = [(key, os.path.normpath(config[key])) for key in ("reshard_folder",) if config.get(key)]
         return [
             ("output_folder", self.output_folder),
             ("work_folder", self.work_folder),
             ("hf_folder", self.hf_folder),
             ("megatron_folder", self.megatron_folder),
             ("inspect_folder", self.inspect_folder),
-            *extra,
+            ("reshard_folder", self.reshard_folder),
         ]
 
     @classmethod
@@ -161,6 +173,8 @@ class Settings:
                 config.get("megatron_folder") or os.path.join(os.path.dirname(output), "megatron")
             ),
             inspect_folder=os.path.normpath(config.get("inspect_folder") or os.path.join(work, "inspect")),
+            reshard_folder=os.path.normpath(config.get("reshard_folder") or os.path.join(os.path.dirname(output), "reshard")),
         )
-        refuse_folders_inside_input(tag_folder, settings.written_folders(config))
+        refuse_folders_inside_input(tag_folder, settings.written_folders())
+        refuse_reshard_folder(settings.reshard_folder, tag_folder, output)
         return settings

@@ -35,6 +35,9 @@ def add_training_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data")
     parser.add_argument("--freeze", action="append", default=[], metavar="PATTERN",
                         help="shell-style parameter name pattern to freeze, e.g. wpe.weight (repeatable)")
+    parser.add_argument("--decay-groups", action=argparse.BooleanOptionalAction, default=False,
+                        help="two optimizer parameter groups, as the HF Trainer makes them: weight decay for the "
+                             "matrices, none for biases and norms")
     parser.add_argument("--universal-info", action=argparse.BooleanOptionalAction, default=True,
                         help="record the universal checkpoint version that ds_to_universal requires")
 
@@ -66,6 +69,15 @@ def deepspeed_config(args) -> dict:
     }
 
 
+def model_parameters(model, decay_groups: bool):
+    """The trainable parameters for deepspeed.initialize: one group, or the HF Trainer's two (decay, no decay)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not decay_groups:
+        return trainable
+    return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.01},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def train(args):
     import deepspeed
     import torch
@@ -90,8 +102,7 @@ def train(args):
     model = GPT(config, seed=args.seed)
     freeze_parameters(model, args.freeze)
 
-    engine, _, _, _ = deepspeed.initialize(model=model,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters(model, args.decay_groups),
                                            config=deepspeed_config(args))
     if args.resume_universal is not None:
         load_path, _ = engine.load_checkpoint(str(args.resume_universal))

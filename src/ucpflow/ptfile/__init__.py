@@ -27,7 +27,7 @@ from .dtypes import (
 )
 from .opaque import Opaque, opaque_instance
 from .reader import load
-from .standins import ArrayTensor, Device, Size, StorageRef, TensorRef, same_value
+from .standins import ArrayTensor, Device, Size, StorageRef, StreamTensor, TensorRef, same_value
 from .unpickler import UntrustedGlobalError
 from .writer import save
 
@@ -38,6 +38,7 @@ __all__ = [
     "Opaque",
     "Size",
     "StorageRef",
+    "StreamTensor",
     "TensorRef",
     "UntrustedGlobalError",
     "bfloat16_bits_to_float32",

@@ -19,6 +19,7 @@ from .standins import (
     Device,
     Size,
     StorageRef,
+    StreamTensor,
     TensorRef,
     _open_for_reading,
     _pread_into,
@@ -61,7 +62,9 @@ class _NewStorage:
 
     def chunks(self):
         source = self.source
-        if isinstance(source, ArrayTensor):
+        if isinstance(source, StreamTensor):
+            yield from source.chunks()
+        elif isinstance(source, ArrayTensor):
             data = memoryview(np.ascontiguousarray(source.array).reshape(-1).view(np.uint8))
             for start in range(0, len(data), _COPY_CHUNK):
                 yield data[start : start + _COPY_CHUNK]
@@ -170,7 +173,7 @@ class _Pickler(pickle._Pickler):
         return rebuild, args
 
     def reducer_override(self, obj):
-        if isinstance(obj, ArrayTensor):
+        if isinstance(obj, (ArrayTensor, StreamTensor)):
             return self.tensor_reduce(obj, False)
         if isinstance(obj, TensorRef):
             if obj.is_parameter:

@@ -1,8 +1,10 @@
 """Stand-ins for the torch objects of a checkpoint: `Size`, `Device`, `StorageRef` and `TensorRef`
-(which read their elements from the file with positioned reads), and `ArrayTensor` for `save`."""
+(which read their elements from the file with positioned reads), and `ArrayTensor` and `StreamTensor` for
+`save`."""
 
 import math
 import os
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -262,3 +264,25 @@ def same_value(a: object, b: object) -> bool:
     if isinstance(a, ArrayTensor) and isinstance(b, ArrayTensor):
         return a.dtype == b.dtype and np.array_equal(a.array, b.array)
     return a == b
+class StreamTensor:
+    """A tensor for `save` whose bytes come from `chunks()`, a callable returning an iterable of
+    bytes-like pieces that together hold exactly `nbytes`: a record built piece by piece (e.g. one
+    parameter's slice at a time) is written without ever holding the whole tensor in memory."""
+
+    __slots__ = ("dtype", "shape", "chunks")
+
+    def __init__(self, dtype: str, shape: tuple[int, ...], chunks: Callable[[], Iterable[bytes]]) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported torch dtype name {dtype!r}")
+        self.dtype, self.shape, self.chunks = dtype, tuple(shape), chunks
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _DTYPES[self.dtype][0]
+
+    def __repr__(self) -> str:
+        return f"StreamTensor(dtype={self.dtype}, shape={self.shape})"

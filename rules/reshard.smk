@@ -1,0 +1,131 @@
+# `snakemake reshard`: a native DeepSpeed checkpoint for target_dp ranks at target_zero_stage, written from
+# the universal output. A plan checkpoint decides the tag folder's files; one job writes each rank file;
+# a finalize job writes `latest` last.
+
+
+include: "reshard_common.smk"
+
+
+checkpoint reshard_plan:
+    """Decide the target's degree, stage and precision and its files; refuse TP/PP/EP sources."""
+    input:
+        layout=rules.index.output.layout,
+        model_states=reshard_model_states,
+    output:
+        f"{RESHARD_WORK}/plan.json",
+    log:
+        f"{LOGS}/reshard/plan.log",
+    benchmark:
+        f"{BENCHMARKS}/reshard/plan.tsv"
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        reshard_folder=RESHARD_FOLDER,
+        target_dp=config["target_dp"],
+        target_zero_stage=config["target_zero_stage"],
+        target_dtype=config["target_dtype"],
+        sub_group_size=config["reshard_sub_group_size"],
+    script:
+        "../scripts/reshard_plan.py"
+
+
+rule reshard_rank_file:
+    """Write one model- or optimizer-states file of the target tag folder from the universal output."""
+    input:
+        plan=rules.reshard_plan.output[0],
+        universal=universal_outputs,
+    output:
+        f"{RESHARD_FOLDER}/{{tag}}/{{name}}_states.pt",
+    log:
+        f"{LOGS}/reshard/{{tag}}/{{name}}.log",
+    benchmark:
+        f"{BENCHMARKS}/reshard/{{tag}}/{{name}}.tsv"
+    wildcard_constraints:
+        tag=r"[^/]+",
+        name=r"[^/]+_(model|optim)",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        universal_folder=OUT,
+        # <reshard_folder>/<tag>/<file>
+        reshard_folder=lambda wildcards, output: os.path.dirname(
+            os.path.dirname(output[0])
+        ),
+    script:
+        "../scripts/reshard_rank_file.py"
+
+
+rule reshard_carry:
+    """Copy the HF Trainer's files beside the tag folder (pickles only with allowed globals)."""
+    input:
+        plan=rules.reshard_plan.output[0],
+    output:
+        f"{RESHARD_WORK}/carried.json",
+    log:
+        f"{LOGS}/reshard/carry.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        reshard_folder=RESHARD_FOLDER,
+    script:
+        "../scripts/reshard_carry.py"
+
+
+rule reshard_repair_request:
+    """The reshard folder lost a file: this new, empty request file reruns its finalize."""
+    output:
+        f"{RESHARD_WORK}/repair/{{stamp}}",
+    log:
+        f"{LOGS}/reshard/repair/{{stamp}}.log",
+    wildcard_constraints:
+        stamp=r"\d+",
+    localrule: True
+    threads: 0
+    run:
+        Path(output[0]).touch()
+
+
+rule reshard_finalize:
+    """Remove files of an earlier plan, add DeepSpeed's recovery scripts, then write `latest` last."""
+    input:
+        plan=rules.reshard_plan.output[0],
+        files=reshard_files,
+        carried=rules.reshard_carry.output[0],
+        repair=reshard_repair_request,
+    output:
+        f"{RESHARD_FOLDER}/latest",
+    log:
+        f"{LOGS}/reshard/finalize.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        reshard_folder=lambda wildcards, output: os.path.dirname(output[0]),
+    script:
+        "../scripts/reshard_finalize.py"
+
+
+rule reshard:
+    """Target: the DeepSpeed checkpoint for target_dp ranks in reshard_folder."""
+    input:
+        rules.reshard_finalize.output[0],
+    localrule: True
+
+
+rule inspect_reshard:
+    """What `reshard` would write for target_dp and target_zero_stage: files and tensor bytes per rank."""
+    input:
+        checkpoint_input,
+    output:
+        f"{INSPECT}/reshard.md",
+    log:
+        f"{LOGS}/inspect_reshard.log",
+    conda:
+        "../envs/ucpflow.yaml"
+    params:
+        input_folder=SETTINGS.input_folder,
+        target_dp=config["target_dp"],
+        target_zero_stage=config["target_zero_stage"],
+        target_dtype=config["target_dtype"],
+        sub_group_size=config["reshard_sub_group_size"],
+    script:
+        "../scripts/reshard_inspect.py"
