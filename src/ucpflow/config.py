@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .demo import check_demo, checkpoint_tag, demo_checkpoint_folder
-from .errors import UcpflowError
+from .errors import CheckpointError, UcpflowError
 from .markers import latest_universal_path
 from .source.layout import resolve_tag_folder
 
@@ -151,12 +151,16 @@ class Settings:
         check_demo(config["demo"])
         demo_folder = os.path.normpath(demo_checkpoint_folder(config["demo"]))
         input_folder = os.path.normpath(config.get("input_folder") or demo_folder)
+        unreadable = None  # the input's own problem, reported after the config's folders are checked
         if input_folder == demo_folder:
             tag_folder = os.path.join(demo_folder, checkpoint_tag(config["demo"]["steps"]))
         elif not os.path.isdir(input_folder):
             raise UcpflowError(f"Config key `input_folder`: {input_folder} does not exist or is not a folder.")
         else:
-            tag_folder = str(resolve_tag_folder(input_folder))
+            try:
+                tag_folder = str(resolve_tag_folder(input_folder))
+            except CheckpointError as problem:
+                unreadable, tag_folder = problem, input_folder
         output = os.path.normpath(config.get("output_folder") or universal_folder_of(tag_folder))
         if os.path.abspath(output) in (os.path.abspath(input_folder), os.path.abspath(tag_folder)):
             raise UcpflowError("Config keys `input_folder` and `output_folder` name the same folder.")
@@ -177,4 +181,6 @@ class Settings:
         )
         refuse_folders_inside_input(tag_folder, settings.written_folders())
         refuse_reshard_folder(settings.reshard_folder, tag_folder, output)
+        if unreadable is not None:
+            raise unreadable
         return settings
