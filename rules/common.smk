@@ -311,7 +311,16 @@ def print_conversion_summary():
 
 
 # What `snakemake help` lists, in this order; each rule's docstring is its one-line description.
-USER_TARGETS = ("universal", "inspect", "verify", "hf", "megatron", "help")
+USER_TARGETS = (
+    "universal",
+    "reshard",
+    "inspect",
+    "inspect_reshard",
+    "verify",
+    "hf",
+    "megatron",
+    "help",
+)
 
 
 def print_help(log_path):

@@ -105,14 +105,14 @@ rule reshard_finalize:
 
 
 rule reshard:
-    """Target: the DeepSpeed checkpoint for target_dp ranks in reshard_folder."""
+    """Target: a native DeepSpeed checkpoint for target_dp ranks at target_zero_stage in reshard_folder (latest last)."""
     input:
         rules.reshard_finalize.output[0],
     localrule: True
 
 
 rule inspect_reshard:
-    """What `reshard` would write for target_dp and target_zero_stage: files and tensor bytes per rank."""
+    """Target: what `reshard` would write for target_dp and target_zero_stage: files and tensor bytes per rank."""
     input:
         checkpoint_input,
     output:

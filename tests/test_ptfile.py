@@ -662,7 +662,7 @@ def test_load_and_save_never_import_torch_or_deepspeed(deepspeed_checkpoint, tmp
     script = textwrap.dedent("""
         import sys
         from ucpflow import ptfile
-from ucpflow.ptfile import allowlist
+        from ucpflow.ptfile import allowlist  # noqa: F401 (its import must not bring torch in either)
 
         for path in sys.argv[1:3]:
             checkpoint = ptfile.load(path)
