@@ -144,7 +144,7 @@ def inspect_job(input_folder: str, output: str, *, target_dp: int | None, target
                 sub_group_size: int) -> str:
     """Write (and return) a Markdown table of the files reshard would write and their tensor bytes."""
     layout = discover(input_folder)
-    check_source(vars(layout))
+    check_source(layout)
     path = layout.model_files[0]
     model_state = load_structure(path)
     groups = optimized_groups(path, model_state)
