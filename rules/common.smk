@@ -33,7 +33,7 @@ from ucpflow.errors import UcpflowError
 from ucpflow.fileio import write_text
 from ucpflow.helptext import help_text
 from ucpflow.ptfile.allowlist import configure as allow_globals
-from ucpflow.smk import index_files as index_files_of, run_in_process
+from ucpflow.smk import named_index_files, run_in_process
 from ucpflow.source.signature import workflow_signature
 from ucpflow.stages.finalize import summary_line
 from ucpflow.stages.publish import incomplete_parameter_stamp, publish_job as publish
@@ -284,7 +284,7 @@ def publish_job(wildcards, input, log_path):
         OUT,
         _parameter_files()[wildcards.param],
         parameter_bucket(wildcards),
-        index_files_of(rules.index.output),
+        named_index_files(rules.index.output),
         parameter_maps(wildcards),
     )
 

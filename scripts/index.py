@@ -1,6 +1,6 @@
 """Rule `index`: read the checkpoint's metadata into the fragment table and the merge plan."""
 
-from ucpflow.smk import index_files, run
+from ucpflow.smk import named_index_files, run
 from ucpflow.stages.index import index_job
 
 
@@ -8,7 +8,7 @@ def main():
     layout, params = index_job(
         snakemake.params.input_folder,
         snakemake.params.output_folder,
-        index_files(snakemake.output),
+        named_index_files(snakemake.output),
         strict=snakemake.params.strict,
         inject_missing_state=snakemake.params.inject_missing_state,
         job_bytes=snakemake.params.merge_job_bytes,

@@ -1,13 +1,13 @@
 """Rule `merge`: merge one bucket of parameters into their universal files in the bucket's staging folder."""
 
-from ucpflow.smk import index_files, run
+from ucpflow.smk import named_index_files, run
 from ucpflow.stages.merge import merge_job
 
 
 def main():
     rows = merge_job(
         snakemake.wildcards.bucket,
-        index_files(snakemake.input),
+        named_index_files(snakemake.input),
         list(snakemake.input.maps),
         snakemake.output.staged,
         snakemake.params.output_folder,

@@ -2,13 +2,13 @@
 
 import sys
 
-from ucpflow.smk import index_files, run
+from ucpflow.smk import named_index_files, run
 from ucpflow.verify import verify_job
 
 
 def main():
     line = verify_job(
-        index_files(snakemake.input),
+        named_index_files(snakemake.input),
         list(snakemake.input.maps),
         snakemake.params.output_folder,
         snakemake.input.latest,

@@ -74,6 +74,6 @@ def run_in_process(log_path: Path | str, function: Callable[..., object], *args:
         raise JobFailed(f"ucpflow error: {error}") from None
 
 
-def index_files(named: Namedlist) -> IndexFiles:
+def named_index_files(named: Namedlist) -> IndexFiles:
     """The index's files among a job's named inputs or outputs (`layout`, `fragments`, `params`, `info`)."""
     return IndexFiles(*(named.get(key) for key in IndexFiles._fields))
