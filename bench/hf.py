@@ -12,16 +12,12 @@ universal checkpoint). Every output is checked: the same tensors, torch.equal. W
 """
 
 import argparse
-import json
-import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
-from bench.measure import run_measured
-from bench.run import warm_page_cache
-from bench.workflow import snapshot_workflow, workflow_fingerprint
+from bench.pair import run_pair
+from bench.workflow import snapshot_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = dict(model="gpt2", layers=12, hidden=768, heads=12, ffn_hidden=3072, vocab=50257, seq=64, zero_stage=3,
@@ -72,41 +68,13 @@ def main(argv=None):
     tag = checkpoint(args.cache)
     scratch = args.cache / "scratch" / "hf"
     snakefile = snapshot_workflow(REPO, scratch / "workflow")
-    (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for repeat in range(args.repeats):
-        tools = ("zero_to_fp32", "ucpflow") if repeat % 2 == 0 else ("ucpflow", "zero_to_fp32")
-        for tool in tools:
-            run_dir = scratch / f"{tool}{repeat}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True)
-            warm_page_cache(tag)
-            os.sync()
-            log = args.out / "logs" / f"hf-{tool}{repeat}.log"
-            measured = run_measured(commands(tool, tag, run_dir, snakefile), log_path=log, cwd=run_dir,
-                                    timeout=TIMEOUT)
-            if measured.returncode != 0:
-                raise SystemExit(f"{tool} failed ({measured.returncode}); see {log}")
-            rows.append(dict(tool=tool, repeat=repeat, wall_s=round(measured.wall, 2), cpu_s=round(measured.cpu_s, 2),
-                             peak_rss_process_mib=round(measured.peak_rss_process / 2**20),
-                             peak_rss_tree_mib=round(measured.peak_rss_tree / 2**20), load=os.getloadavg()[0]))
-            print(f"[bench.hf] {rows[-1]}", flush=True)
-        bad = outputs_equal(scratch / f"ucpflow{repeat}" / "out", scratch / f"zero_to_fp32{repeat}" / "out")
-        if bad:
-            raise SystemExit(f"the exports differ in {bad[:5]}")
-        for tool in tools:
-            shutil.rmtree(scratch / f"{tool}{repeat}")
-    median = {tool: {key: statistics.median(row[key] for row in rows if row["tool"] == tool)
-                     for key in ("wall_s", "cpu_s", "peak_rss_process_mib", "peak_rss_tree_mib")}
-              for tool in ("zero_to_fp32", "ucpflow")}
-    ratios = {key: round(median["ucpflow"][key] / median["zero_to_fp32"][key], 2) for key in median["ucpflow"]}
-    result = {"model": MODEL, "workflow": workflow_fingerprint(REPO), "runs": rows, "median": median, "ratios": ratios}
-    (args.out / "hf.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["| tool | wall s | CPU s | peak RSS, largest process MiB | peak RSS, tree MiB |", "|---|---|---|---|---|"]
-    lines += [f"| {tool} | " + " | ".join(str(value) for value in median[tool].values()) + " |" for tool in median]
-    lines.append("| ratio | " + " | ".join(str(value) for value in ratios.values()) + " |")
-    (args.out / "hf.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+    def check(run_dirs):
+        return outputs_equal(run_dirs["ucpflow"] / "out", run_dirs["zero_to_fp32"] / "out")
+
+    run_pair("hf", "zero_to_fp32", lambda tool, run_dir: commands(tool, tag, run_dir, snakefile), source=tag,
+             scratch=scratch, out=args.out, repeats=args.repeats, check=check, timeout=TIMEOUT,
+             described={"model": MODEL})
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """The demo builds a real DeepSpeed checkpoint by launching DeepSpeed on CPU (about 10-30 s)."""
 
+import os
+import sys
+import time
+
 import pytest
 import torch
 
 from ucpflow import dsconst
 from ucpflow.demo.launch import build_checkpoint
+from ucpflow.demo.launcher import rank_environments, run_ranks
 from ucpflow.errors import UcpflowError
 
 
@@ -36,3 +41,27 @@ def test_build_checkpoint_rejects_an_unknown_option_before_launching(tmp_path):
     with pytest.raises(UcpflowError, match="zero_stag"):
         build_checkpoint(tmp_path / "ckpt", zero_stag=2)
     assert not (tmp_path / "ckpt.log").exists()
+
+
+def test_a_failing_rank_ends_the_others_and_is_reported_with_its_error(tmp_path):
+    """One rank raising ends the run at once (the others would wait on it forever), with its exception."""
+    waits = [sys.executable, "-c", "import time; time.sleep(60)"]
+    fails = [sys.executable, "-c", "raise ValueError('rank 1 has no data')"]
+    started = time.monotonic()
+    with pytest.raises(UcpflowError, match=r"(?s)exit code 1.*First error: ValueError: rank 1 has no data"):
+        run_ranks([waits, fails], [dict(os.environ)] * 2, tmp_path / "ranks.log", timeout=60, what="testing")
+    assert time.monotonic() - started < 30
+
+
+def test_ranks_past_the_timeout_are_killed_and_reported(tmp_path):
+    waits = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(UcpflowError, match=r"timed out after 1 s while testing; see .*ranks.log"):
+        run_ranks([waits, waits], [dict(os.environ)] * 2, tmp_path / "ranks.log", timeout=1, what="testing")
+
+
+def test_each_rank_gets_the_environment_of_deepspeeds_launcher():
+    environments = rank_environments(29500, 3)
+    assert [env["RANK"] for env in environments] == ["0", "1", "2"]
+    assert [env["LOCAL_RANK"] for env in environments] == ["0", "1", "2"]
+    assert {(env["WORLD_SIZE"], env["LOCAL_SIZE"], env["MASTER_PORT"], env["CROSS_RANK"]) for env in environments} == {
+        ("3", "3", "29500", "0")}

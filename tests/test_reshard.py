@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import test_fp16_layout as fp16_layout
 import torch
-from conftest import convert, copy_tag, snakemake
+from conftest import cached_builder, convert, copy_tag, snakemake
 from universal_compare import compare_objects
 
 from ucpflow import ptfile
 from ucpflow.demo.launch import resume_from_universal
+from ucpflow.demo.launcher import run_deepspeed
 from ucpflow.demo.reshard_check import load_and_dump
 from ucpflow.ptfile import StreamTensor
 from ucpflow.reshard.plan import zero3_slice, zero3_sub_groups, zero12_partition
@@ -265,15 +266,45 @@ def test_hf_trainer_layout_reshards_and_carries_its_side_files(trainer_checkpoin
                               "trainer_state.json", "zero_to_fp32.py", "zero_to_torch.py"])
     assert torch.load(folder / "scheduler.pt", weights_only=True)["last_epoch"] == 2
 
-    # ZeRO-3 DP2 -> ZeRO-2 DP1, loaded by DeepSpeed into the model built from the carried config.json.
-    dp1 = tmp_path / "dp1"
-    snakemake(tmp_path / "run", "reshard", check=True,
-              config={"input_folder": source, "output_folder": tmp_path / "universal" / "u", "reshard_folder": dp1,
-                      "target_dp": 1, "target_zero_stage": 2})
-    dump = load_and_dump(dp1, tmp_path / "dump.pt", num_procs=1, zero_stage=2, dtype="bf16", hf_model=True,
-                         freeze=LLAMA["freeze"], seq_len=16)
-    check_loaded(dump, tmp_path / "universal" / "u")
 
+
+HF_TRAINER_RUN = Path(__file__).with_name("hf_trainer_run.py")
+TRAINER_FROZEN = "model.embed_tokens.weight"
+
+
+def run_hf_trainer(num_procs, log_path, **options):
+    argv = [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    run_deepspeed(HF_TRAINER_RUN, argv + ["--freeze", TRAINER_FROZEN], num_procs=num_procs, log_path=log_path,
+                  timeout=600, what=f"running the HF Trainer ({log_path.stem})")
+
+
+@pytest.fixture(scope="module")
+def hf_trainer_checkpoint(checkpoint_cache):
+    """checkpoint-2 of a real `transformers.Trainer` run (DeepSpeed ZeRO-3, bf16, 2 ranks, a frozen embedding)."""
+
+    def build(save_dir, timeout):
+        run_hf_trainer(2, save_dir.with_name(save_dir.name + ".log"), output_dir=save_dir, zero_stage=3, max_steps=2)
+
+    return cached_builder(checkpoint_cache, "", build)("real-hf-trainer-z3").parent
+
+
+def test_hf_trainer_resumes_a_reshard_at_another_degree_and_stage(hf_trainer_checkpoint, tmp_path):
+    """A real HF Trainer checkpoint (ZeRO-3, DP2) resharded to ZeRO-2 DP1: `Trainer.train(resume_from_checkpoint=)`
+    at one rank loads it (DeepSpeed's plain load_checkpoint, through the Trainer) with every state equal to the
+    universal checkpoint of the source, and trains on from step 2."""
+    folder, universal = tmp_path / "dp1", tmp_path / "universal" / "u"
+    result = snakemake(tmp_path / "run", "reshard", check=True,
+                       config={"input_folder": hf_trainer_checkpoint, "output_folder": universal,
+                               "reshard_folder": folder, "target_dp": 1, "target_zero_stage": 2})
+    assert "not carried: training_args.bin" in result.stderr
+    assert {"trainer_state.json", "scheduler.pt", "config.json", "latest"} <= {p.name for p in folder.iterdir()}
+
+    dump_path = tmp_path / "resumed.pt"
+    run_hf_trainer(1, tmp_path / "resumed.log", output_dir=tmp_path / "resumed", zero_stage=2, max_steps=3,
+                   resume=folder, dump=dump_path)
+    dump = check_loaded(dump_path, universal)
+    assert TRAINER_FROZEN not in dump["params"] and TRAINER_FROZEN in dump["weights"]
+    assert (dump["trainer_step_at_start"], dump["trainer_step_at_end"], len(dump["losses"])) == (2, 3, 1)
 
 def tensor_bytes(path):
     """Bytes of the distinct storages a .pt file holds."""

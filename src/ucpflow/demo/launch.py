@@ -1,4 +1,4 @@
-"""Run the demo trainer under the DeepSpeed launcher in a subprocess, on CPU, without importing torch here.
+"""Run the demo trainer on CPU ranks (started as DeepSpeed's launcher starts them), without importing torch here.
 
 Every run gets a free master port (other runs may be launching on the same machine) and its own log
 file beside its output; a failed run raises UcpflowError naming that log and quoting its last lines.

@@ -1,5 +1,5 @@
-"""Run a training script under the DeepSpeed launcher on CPU processes, in a subprocess; neither torch
-nor deepspeed is imported here.
+"""Run a training script on CPU processes as DeepSpeed's single-node launcher does, in subprocesses;
+neither torch nor deepspeed is imported here.
 
 Every run gets a free master port (other runs may be launching on the same machine) and its own log
 file; a failed run raises UcpflowError naming that log and quoting its first exception and last lines.
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ucpflow.demo import checkpoint_tag
@@ -70,40 +71,73 @@ def parse_options(parser, options: dict, *, reserved, what: str, **fixed):
 
 
 def run_deepspeed(script, argv: list[str], *, num_procs: int, log_path: Path, timeout: float, what: str):
-    """Run `script` with `argv` on `num_procs` CPU processes under the DeepSpeed launcher, its output
-    in `log_path`; `what` completes the error message "DeepSpeed failed while ...".
+    """Run `script` with `argv` on `num_procs` CPU ranks, their output in `log_path`; `what` completes
+    the error message "DeepSpeed failed while ...".
+
+    The ranks are started the way `deepspeed --num_gpus N` starts them on one node (the environment
+    of deepspeed.launcher.launch and --local_rank=i), without its two launcher processes, each of
+    which imports deepspeed (about 2 s apiece) before any rank starts.
     """
     port = free_port()
-    command = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
-               "--master_addr", MASTER_ADDR, "--master_port", str(port), str(script), *argv]
     try:
-        run_logged(command, log_path, timeout, what)
+        run_ranks(rank_commands(script, argv, num_procs), rank_environments(port, num_procs), log_path, timeout, what)
     finally:
         # The trainers unlink their own segments once all ranks have mapped them; a run that died
         # before that point would leave them behind.
         remove_shm_allreduce_segments(MASTER_ADDR, port, range(num_procs))
 
 
+def rank_commands(script, argv: list[str], num_procs: int) -> list[list[str]]:
+    return [[sys.executable, "-u", str(script), f"--local_rank={rank}", *argv] for rank in range(num_procs)]
+
+
+def rank_environments(port: int, num_procs: int) -> list[dict[str, str]]:
+    """Each rank's environment as deepspeed.launcher.launch sets it for a single node."""
+    shared = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "MASTER_ADDR": MASTER_ADDR,
+              "MASTER_PORT": str(port), "WORLD_SIZE": str(num_procs), "LOCAL_SIZE": str(num_procs),
+              "CROSS_RANK": "0", "CROSS_SIZE": "1", "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(num_procs)))}
+    return [{**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(num_procs)]
+
+
+def run_ranks(commands: list[list[str]], environments: list[dict], log_path: Path, timeout: float, what: str):
+    """Run one process per rank, all writing to `log_path`; once one fails the others are killed (they
+    would wait forever on it), as DeepSpeed's launcher does. Raise UcpflowError on a failure or timeout."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(log_path, "w") as log:
+        log.write("\n".join(" ".join(command) for command in commands) + "\n")
+        log.flush()
+        # A session of its own for each rank lets a failure end it with every process it spawned; the
+        # fault handler (in the environment) makes a rank killed by a signal print its Python stack.
+        processes = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                     for command, env in zip(commands, environments)]
+        failed, timed_out = None, False
+        try:
+            while any(process.poll() is None for process in processes):
+                failed = next((process for process in processes if process.poll() not in (None, 0)), None)
+                if failed is not None:
+                    break
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.1)
+            failed = failed or next((process for process in processes if process.returncode not in (None, 0)), None)
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+    if timed_out:
+        raise UcpflowError(f"DeepSpeed timed out after {timeout:g} s while {what}; see {log_path}."
+                           f"{_log_excerpt(log_path)}")
+    if failed is not None:
+        raise UcpflowError(f"DeepSpeed failed (exit code {failed.returncode}) while {what}; see {log_path}."
+                           f"{_log_excerpt(log_path)}")
+
+
 def run_logged(command: list[str], log_path: Path, timeout: float, what: str):
     """Run `command` with its output in `log_path`, and raise UcpflowError if it fails or outlasts `timeout`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        log.write(" ".join(command) + "\n")
-        log.flush()
-        # A session of its own lets a timeout end the launcher together with every rank it spawned;
-        # the fault handler makes a rank killed by a signal (an abort in C++) print its Python stack.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
-        try:
-            returncode = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise UcpflowError(f"DeepSpeed timed out after {timeout:g} s while {what}; see {log_path}."
-                               f"{_log_excerpt(log_path)}") from None
-    if returncode != 0:
-        raise UcpflowError(f"DeepSpeed failed (exit code {returncode}) while {what}; see {log_path}."
-                           f"{_log_excerpt(log_path)}")
+    run_ranks([command], [{**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}], log_path, timeout, what)
 
 
 def saved_tag_folder(save_dir: Path, steps: int, log_path: Path) -> Path:

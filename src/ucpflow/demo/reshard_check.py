@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-if not __package__:  # run as a script by the DeepSpeed launcher: import the ucpflow this file belongs to
+if not __package__:  # run as a script on each rank: import the ucpflow this file belongs to
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ucpflow.demo.launcher import (
@@ -47,7 +47,6 @@ def check(args) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from ucpflow.demo.gpt import GPT, GPTConfig, freeze_parameters, synthetic_batch
     from ucpflow.demo.train import deepspeed_config, model_parameters
@@ -76,26 +75,7 @@ def check(args) -> None:
     load_path, client_state = engine.load_checkpoint(str(args.load_dir))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed loaded nothing from {args.load_dir}")
-    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
-
-    dump = {"params": {}, "weights": {}}
-    for name, param in engine.module.named_parameters():
-        if param.requires_grad:
-            dump["params"][name] = {
-                "fp32": safe_get_full_fp32_param(param).detach().cpu().clone(),
-                "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").detach().cpu().clone(),
-                "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().cpu().clone(),
-            }
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=args.zero_stage == 3):
-        for name, param in engine.module.named_parameters():
-            dump["weights"][name] = param.detach().cpu().clone()
-    base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-    dump["steps"] = sorted({float(state["step"]) for state in base.state.values() if "step" in state})
-    dump["param_groups"] = [{k: v for k, v in group.items() if k != "params"} for group in base.param_groups]
-    dump["engine"] = {"global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps,
-                      "global_samples": engine.global_samples, "lr": engine.get_lr()}
+    dump = loaded_states(engine)
     dump["client_state"] = sorted(client_state)
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -121,6 +101,36 @@ def check(args) -> None:
         torch.save(dump, args.dump)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def loaded_states(engine) -> dict:
+    """Every state training resumes from, of a DeepSpeed engine that has just loaded a checkpoint: per
+    trainable parameter its full fp32 master weight and Adam moments, every parameter's full
+    training-precision weight, the optimizer's step values and param groups, the engine's steps and LR."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    # BF16_Optimizer and ZeRO-1/2 link their state views lazily.
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    dump = {"params": {}, "weights": {}}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            dump["params"][name] = {
+                "fp32": safe_get_full_fp32_param(param).detach().cpu().clone(),
+                "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").detach().cpu().clone(),
+                "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().cpu().clone(),
+            }
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+        for name, param in engine.module.named_parameters():
+            dump["weights"][name] = param.detach().cpu().clone()
+    base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    dump["steps"] = sorted({float(state["step"]) for state in base.state.values() if "step" in state})
+    dump["param_groups"] = [{k: v for k, v in group.items() if k != "params"} for group in base.param_groups]
+    dump["engine"] = {"global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps,
+                      "global_samples": engine.global_samples, "lr": engine.get_lr()}
+    return dump
 
 
 def load_and_dump(load_dir, dump, *, num_procs: int, timeout: float = 600, **options) -> Path:

@@ -1,4 +1,4 @@
-"""Train the demo GPT under the DeepSpeed launcher and save a checkpoint, or resume from a universal one.
+"""Train the demo GPT on CPU ranks with DeepSpeed and save a checkpoint, or resume from a universal one.
 
     deepspeed --num_gpus 2 --master_port PORT train.py --save-dir DIR [--zero-stage 1] [--dtype bf16] ...
     deepspeed --num_gpus 3 --master_port PORT train.py --resume-universal DIR --steps 2 --losses-out FILE

@@ -1,7 +1,7 @@
 """Build and resume AutoEP x ZeRO checkpoints of a tiny Hugging Face MoE model in subprocesses; no torch is
 imported here.
 
-Each run starts `procs` CPU processes through the DeepSpeed launcher on a free master port, with its
+Each run starts `procs` CPU processes (as the DeepSpeed launcher starts them) on a free master port, with its
 output in a log file beside its result; a failed run raises UcpflowError naming that log.
 """
 

@@ -1,6 +1,6 @@
 """Build and resume AutoTP x ZeRO checkpoints of a tiny Hugging Face model in subprocesses; no torch is imported here.
 
-Each run starts tp * dp CPU processes through the DeepSpeed launcher on a free master port, with its
+Each run starts tp * dp CPU processes (as the DeepSpeed launcher starts them) on a free master port, with its
 output in a log file beside its result; a failed run raises UcpflowError naming that log.
 """
 

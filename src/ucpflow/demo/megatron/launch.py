@@ -1,6 +1,6 @@
 """Build, convert and resume the Megatron-shaped toy GPT's checkpoints in subprocesses; no torch is imported here.
 
-Each run starts `tp * pp * dp` CPU processes through the DeepSpeed launcher on a free master port
+Each run starts `tp * pp * dp` CPU processes (as the DeepSpeed launcher starts them) on a free master port
 (other runs may be launching on the same machine) and writes its output to a log file beside its
 result; a failed run raises UcpflowError naming that log.
 """

@@ -1,4 +1,4 @@
-"""Train the Megatron-shaped toy GPT with tensor, pipeline and data parallelism under the DeepSpeed launcher.
+"""Train the Megatron-shaped toy GPT with tensor, pipeline and data parallelism on CPU ranks.
 
     deepspeed --num_gpus 8 --master_port PORT train.py --tp 2 --pp 2 --dp 2 --save-dir DIR [options]
     deepspeed --num_gpus 2 --master_port PORT train.py --tp 1 --pp 2 --dp 1 \\
