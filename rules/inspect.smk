@@ -19,6 +19,8 @@ rule inspect:
         merge_min_jobs=config["merge_min_jobs"],
         hf_config=config["hf_config"],
         run_folder=SETTINGS.run_folder,
+        # A run folder changes while training saves into it: its saves are listed anew on every run.
+        listed_at=STARTED if SETTINGS.run_folder else 0,
         output_folders=dict(
             output_folder=config["output_folder"],
             hf_folder=config["hf_folder"],

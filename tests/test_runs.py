@@ -230,6 +230,11 @@ def test_inspect_of_a_deepspeed_run_folder(deepspeed_run, tmp_path):
            "global_step4." in text
     assert "global_step8: its tag says step 8, but its model-state files record step 4." in text
     assert not (deepspeed_run / "global_step4_universal").exists(), "inspect must not convert"
+    (deepspeed_run / "latest").write_text("global_step8")  # the save finished: listed again, now complete
+    snakemake(tmp_path / "work", "inspect", config={"input_folder": deepspeed_run, "inspect_folder": inspect_folder},
+              check=True)
+    table = pd.read_csv(inspect_folder / "runs.csv", keep_default_na=False)
+    assert list(table["state"]) == [COMPLETE, COMPLETE, INCOMPLETE, COMPLETE]
 
 
 def test_inspect_of_an_hf_trainer_output_dir(trainer_checkpoint, tmp_path):
