@@ -66,8 +66,13 @@ STARTED = time.time()
 OUT = SETTINGS.output_folder
 WORK = SETTINGS.work_folder
 # Everything derived from the input lives under a folder named by the input files' identity, so a
-# changed input is indexed and converted again.
-SIGNATURE = workflow_signature(config, SETTINGS.input_folder, SETTINGS.builds_demo)
+# changed input is indexed and converted again. A run folder that names no save to convert (see
+# checkpoint_input) derives nothing: its many saves are not read for a signature.
+SIGNATURE = (
+    "0" * 12
+    if SETTINGS.unconvertible
+    else workflow_signature(config, SETTINGS.input_folder, SETTINGS.builds_demo)
+)
 DERIVED = f"{WORK}/{SIGNATURE}"
 if SETTINGS.builds_demo:
     forget_vanished_demo(SETTINGS.demo_folder, DERIVED)
@@ -122,10 +127,22 @@ def bucket_of_parameter():
 
 
 def checkpoint_input(wildcards):
-    """The demo is built by a rule; a user's folder only has to exist (its mtime never reruns the index)."""
+    """The demo is built by a rule; a user's folder only has to exist (its mtime never reruns the index).
+    A run folder that names no save to convert (the HF Trainer's output_dir) stops every target but
+    `inspect` here, while the DAG is built, with its one sentence (the console shows that line alone).
+    """
+    if SETTINGS.unconvertible:
+        raise WorkflowError(f"ucpflow error: {SETTINGS.unconvertible}")
     if SETTINGS.builds_demo:
         return rules.demo_checkpoint.output.latest
     return ancient(SETTINGS.input_folder)
+
+
+def inspect_input(wildcards):
+    """A run folder's inspect reads the folder itself; a single checkpoint's is the conversion's input."""
+    if SETTINGS.run_folder:
+        return ancient(SETTINGS.input_folder)
+    return checkpoint_input(wildcards)
 
 
 def extraction_source(wildcards):
@@ -266,6 +283,19 @@ def inspection_outputs(folder, category):
             caption="../report/parameter_bytes.rst",
         ),
     )
+
+
+def inspect_outputs(folder):
+    """What `inspect` writes: runs.md and runs.csv for a run folder (one row per save), else a checkpoint's
+    tables and plot (inspection_outputs)."""
+    if SETTINGS.run_folder:
+        return dict(
+            runs=report(
+                f"{folder}/runs.md", category="Run", caption="../report/runs.rst"
+            ),
+            table=f"{folder}/runs.csv",
+        )
+    return inspection_outputs(folder, category="Checkpoint")
 
 
 def staging_folder(path):

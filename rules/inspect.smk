@@ -1,10 +1,10 @@
-# A checkpoint that cannot be converted is reported, not failed on.
+# A checkpoint that cannot be converted is reported, not failed on; so is each save of a run folder.
 rule inspect:
-    """Target: print and write tables of the checkpoint's files, parameters, degrees and args (metadata only)."""
+    """Target: print and write tables of the checkpoint (files, parameters, degrees, args) or of each save of a run folder."""
     input:
-        checkpoint_input,
+        inspect_input,
     output:
-        **inspection_outputs(INSPECT, category="Checkpoint"),
+        **inspect_outputs(INSPECT),
     log:
         f"{LOGS}/inspect.log",
     benchmark:
@@ -18,6 +18,16 @@ rule inspect:
         merge_job_bytes=config["merge_job_bytes"],
         merge_min_jobs=config["merge_min_jobs"],
         hf_config=config["hf_config"],
+        run_folder=SETTINGS.run_folder,
+        # A run folder changes while training saves into it: its saves are listed anew on every run.
+        listed_at=STARTED if SETTINGS.run_folder else 0,
+        output_folders=dict(
+            output_folder=config["output_folder"],
+            hf_folder=config["hf_folder"],
+            megatron_folder=config["megatron_folder"],
+            reshard_folder=config["reshard_folder"],
+            converted_save="" if SETTINGS.unconvertible else SETTINGS.tag_folder,
+        ),
     script:
         "../scripts/inspect.py"
 

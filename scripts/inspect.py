@@ -1,12 +1,32 @@
-"""Rule `inspect`: describe the checkpoint from its metadata and print a summary."""
+"""Rule `inspect`: describe the checkpoint, or each save of a run folder, from metadata and print a summary."""
 
 import sys
 
-from ucpflow.inspect import inspect_checkpoint, plot_parameter_bytes, summary_text, write_inspection
+from ucpflow.inspect import (
+    OutputFolders,
+    inspect_checkpoint,
+    plot_parameter_bytes,
+    runs_table,
+    runs_text,
+    summary_text,
+    write_inspection,
+    write_runs,
+)
 from ucpflow.smk import run
 
 
+def inspect_run():
+    folder = snakemake.params.input_folder
+    table, notes = runs_table(folder, OutputFolders(**snakemake.params.output_folders))
+    text = runs_text(folder, table, notes)
+    write_runs(table, text, snakemake.output.runs.rsplit("/", 1)[0])
+    print(text, end="")
+    print(text, end="", file=sys.__stdout__)
+
+
 def main():
+    if snakemake.params.run_folder:
+        return inspect_run()
     summary, tables = inspect_checkpoint(
         snakemake.params.input_folder,
         strict=snakemake.params.strict,

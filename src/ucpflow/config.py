@@ -18,6 +18,7 @@ from .demo import check_demo, checkpoint_tag, demo_checkpoint_folder
 from .errors import CheckpointError, UcpflowError
 from .markers import latest_universal_path
 from .source.layout import resolve_tag_folder
+from .source.saves import holders, is_run_folder, is_trainer_output, latest_tag
 
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
@@ -117,6 +118,15 @@ def refuse_reshard_folder(reshard_folder: str, tag_folder: str, output_folder: s
                            "whose files the reshard would overwrite.")
 
 
+def trainer_output_sentence(input_folder: str) -> str:
+    """Why a target other than `inspect` refuses the HF Trainer's output_dir, naming its newest checkpoint-N
+    folder that holds a `latest` (a save the HF Trainer finished)."""
+    checkpoints = holders(input_folder)
+    newest = next((folder for folder in reversed(checkpoints) if latest_tag(folder)), checkpoints[-1])
+    return (f"Config key `input_folder`: {input_folder} is the HF Trainer's output_dir, whose saves only `inspect` "
+            f"lists; set input_folder to one of its checkpoint-N folders, such as {newest}.")
+
+
 @dataclass(frozen=True)
 class Settings:
     input_folder: str
@@ -130,6 +140,12 @@ class Settings:
     megatron_folder: str = ""
     inspect_folder: str = ""
     reshard_folder: str = ""
+    # The input is a training run's folder (several saves, or the HF Trainer's output_dir): `inspect` lists its
+    # saves (ucpflow.source.saves), the other targets convert the save its `latest` names.
+    run_folder: bool = False
+    # Why the other targets cannot convert this input (one sentence), "" when they can: a run folder without a
+    # `latest` (such as the HF Trainer's output_dir) names no save to convert.
+    unconvertible: str = ""
 
     @property
     def builds_demo(self) -> bool:
@@ -152,15 +168,24 @@ class Settings:
         demo_folder = os.path.normpath(demo_checkpoint_folder(config["demo"]))
         input_folder = os.path.normpath(config.get("input_folder") or demo_folder)
         unreadable = None  # the input's own problem, reported after the config's folders are checked
+        run_folder, unconvertible = False, ""
         if input_folder == demo_folder:
             tag_folder = os.path.join(demo_folder, checkpoint_tag(config["demo"]["steps"]))
         elif not os.path.isdir(input_folder):
             raise UcpflowError(f"Config key `input_folder`: {input_folder} does not exist or is not a folder.")
+        elif is_trainer_output(input_folder):
+            run_folder, tag_folder = True, input_folder
+            unconvertible = trainer_output_sentence(input_folder)
         else:
+            run_folder = is_run_folder(input_folder)
             try:
                 tag_folder = str(resolve_tag_folder(input_folder))
             except CheckpointError as problem:
-                unreadable, tag_folder = problem, input_folder
+                tag_folder = input_folder
+                if run_folder:
+                    unconvertible = str(problem)
+                else:
+                    unreadable = problem
         output = os.path.normpath(config.get("output_folder") or universal_folder_of(tag_folder))
         if os.path.abspath(output) in (os.path.abspath(input_folder), os.path.abspath(tag_folder)):
             raise UcpflowError("Config keys `input_folder` and `output_folder` name the same folder.")
@@ -178,6 +203,8 @@ class Settings:
             ),
             inspect_folder=os.path.normpath(config.get("inspect_folder") or os.path.join(work, "inspect")),
             reshard_folder=os.path.normpath(config.get("reshard_folder") or os.path.join(os.path.dirname(output), "reshard")),
+            run_folder=run_folder,
+            unconvertible=unconvertible,
         )
         refuse_folders_inside_input(tag_folder, settings.written_folders())
         refuse_reshard_folder(settings.reshard_folder, tag_folder, output)

@@ -26,7 +26,7 @@ from .dtypes import (
     numpy_dtype,
 )
 from .opaque import Opaque, opaque_instance
-from .reader import load
+from .reader import check_container, load
 from .standins import ArrayTensor, Device, Size, StorageRef, StreamTensor, TensorRef, same_value
 from .unpickler import UntrustedGlobalError
 from .writer import save
@@ -42,6 +42,7 @@ __all__ = [
     "TensorRef",
     "UntrustedGlobalError",
     "bfloat16_bits_to_float32",
+    "check_container",
     "float32_to_bfloat16_bits",
     "load",
     "numpy_dtype",

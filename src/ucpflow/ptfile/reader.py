@@ -37,25 +37,7 @@ def load(path: str | os.PathLike[str], findings: list[Finding] | None = None) ->
     except OSError as exc:
         raise _open_error(path, exc) from None
     with file:
-        head = file.read(32)
-        if not head.startswith(b"PK\x03\x04"):
-            if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
-                raise CheckpointError(
-                    f"Checkpoint file {path} is in PyTorch's legacy pre-1.6 format; load and re-save it "
-                    f"with a current torch.save to convert it to the zip format."
-                )
-            raise CheckpointError(f"Checkpoint file {path} is not a PyTorch checkpoint (it is not a zip archive).")
-        try:
-            zip_file = zipfile.ZipFile(file)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-            raise CheckpointError(
-                f"Checkpoint file {path} is truncated or corrupt: its zip central directory cannot be read."
-            ) from None
-        infos = zip_file.infolist()
-        prefix = infos[0].filename.split("/")[0] + "/" if infos and "/" in infos[0].filename else ""
-        records = {info.filename[len(prefix) :]: info for info in infos if info.filename.startswith(prefix)}
-        if "data.pkl" not in records:
-            raise CheckpointError(f"Checkpoint file {path} has no data.pkl record, so torch.save did not write it.")
+        zip_file, records = _open_container(path, file)
         file_size = os.fstat(file.fileno()).st_size
         byteorder = records.get("byteorder")
         if byteorder is not None and _read_record(path, zip_file, byteorder, file_size) != b"little":
@@ -67,6 +49,50 @@ def load(path: str | os.PathLike[str], findings: list[Finding] | None = None) ->
     if findings is not None:
         findings.extend(found)
     return result
+
+
+def check_container(path: str | os.PathLike[str]) -> None:
+    """Raise the CheckpointError `load` would for a file that is missing, not a PyTorch zip checkpoint, in the
+    legacy format, truncated (its zip central directory, at the file's end, is unreadable) or without data.pkl;
+    only the file's head and its zip directory are read, nothing is unpickled."""
+    path = os.fspath(path)
+    try:
+        file = open(path, "rb")
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    with file:
+        _, records = _open_container(path, file)
+        file_size = os.fstat(file.fileno()).st_size
+        for info in records.values():
+            if info.header_offset + info.compress_size > file_size:
+                raise CheckpointError(
+                    f"Checkpoint file {path} is truncated: its record {info.filename} ends beyond the file's "
+                    f"{file_size} bytes."
+                )
+
+
+def _open_container(path, file):
+    """(zip file, {record name without the archive's folder: ZipInfo}) of an open checkpoint file."""
+    head = file.read(32)
+    if not head.startswith(b"PK\x03\x04"):
+        if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+            raise CheckpointError(
+                f"Checkpoint file {path} is in PyTorch's legacy pre-1.6 format; load and re-save it "
+                f"with a current torch.save to convert it to the zip format."
+            )
+        raise CheckpointError(f"Checkpoint file {path} is not a PyTorch checkpoint (it is not a zip archive).")
+    try:
+        zip_file = zipfile.ZipFile(file)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise CheckpointError(
+            f"Checkpoint file {path} is truncated or corrupt: its zip central directory cannot be read."
+        ) from None
+    infos = zip_file.infolist()
+    prefix = infos[0].filename.split("/")[0] + "/" if infos and "/" in infos[0].filename else ""
+    records = {info.filename[len(prefix) :]: info for info in infos if info.filename.startswith(prefix)}
+    if "data.pkl" not in records:
+        raise CheckpointError(f"Checkpoint file {path} has no data.pkl record, so torch.save did not write it.")
+    return zip_file, records
 
 
 def _read_record(path, zip_file, info, file_size):
