@@ -2,16 +2,8 @@
 
 import sys
 
-from ucpflow.inspect import (
-    OutputFolders,
-    inspect_checkpoint,
-    plot_parameter_bytes,
-    runs_table,
-    runs_text,
-    summary_text,
-    write_inspection,
-    write_runs,
-)
+from ucpflow.inspect import inspect_checkpoint, plot_parameter_bytes, summary_text, write_inspection
+from ucpflow.runs import OutputFolders, runs_table, runs_text, write_runs
 from ucpflow.smk import run
 
 

@@ -17,10 +17,10 @@ LAYERS = [
     ["fileio", "dsconst"],
     ["ptfile"],
     ["tables"],
-    ["markers", "smk", "demo"],
+    ["markers", "smk", "demo", "markdown"],
     ["source"],
     ["stages"],
-    ["verify", "export", "reshard"],
+    ["verify", "export", "reshard", "runs"],
     ["inspect", "config"],
 ]
 LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -18,7 +18,7 @@ from snakemake.utils import validate
 from ucpflow import ptfile
 from ucpflow.config import Settings
 from ucpflow.errors import CheckpointError
-from ucpflow.inspect import OutputFolders, runs_table, runs_text, universal_state
+from ucpflow.runs import OutputFolders, runs_table, runs_text, universal_state
 from ucpflow.source.saves import (
     BEING_WRITTEN,
     COMPLETE,

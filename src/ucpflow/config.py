@@ -16,7 +16,7 @@ import yaml
 
 from .demo import check_demo, checkpoint_tag, demo_checkpoint_folder
 from .errors import CheckpointError, UcpflowError
-from .markers import latest_universal_path
+from .markers import latest_universal_path, universal_folder_of
 from .source.layout import resolve_tag_folder
 from .source.saves import holders, is_run_folder, is_trainer_output, latest_tag
 
@@ -74,11 +74,6 @@ def default_work_folder(output_folder: str) -> str:
     absolute = os.path.abspath(output_folder)
     digest = hashlib.sha1(absolute.encode()).hexdigest()[:8]
     return os.path.join("ucpflow-work", f"{os.path.basename(absolute)}-{digest}")
-
-
-def universal_folder_of(tag_folder: str) -> str:
-    """Where ds_to_universal users put the universal checkpoint of `tag_folder`: beside it, `<tag>_universal`."""
-    return f"{os.path.normpath(tag_folder)}_universal"
 
 
 def _is_inside(folder, outer):

@@ -15,6 +15,11 @@ from .fileio import fsync_path, write_text
 from .tables import LATEST_UNIVERSAL
 
 
+def universal_folder_of(tag_folder: str) -> str:
+    """Where ds_to_universal users put the universal checkpoint of `tag_folder`: beside it, `<tag>_universal`."""
+    return f"{os.path.normpath(tag_folder)}_universal"
+
+
 def latest_universal_path(output_folder: str) -> str:
     return os.path.join(os.path.dirname(os.path.normpath(output_folder)), LATEST_UNIVERSAL)
 
