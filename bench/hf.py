@@ -11,12 +11,11 @@ universal checkpoint). Every output is checked: the same tensors, torch.equal. W
 <out>/hf.md.
 """
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
-from bench.pair import run_pair
+from bench.pair import pair_arguments, run_pair
 from bench.workflow import snapshot_workflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,11 +59,7 @@ def outputs_equal(ours, theirs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--cache", type=Path, default=REPO / "bench" / "cache")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
-    args = parser.parse_args(argv)
+    args = pair_arguments(__doc__, argv, repeats=1)
     tag = checkpoint(args.cache)
     scratch = args.cache / "scratch" / "hf"
     snakefile = snapshot_workflow(REPO, scratch / "workflow")

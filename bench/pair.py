@@ -1,6 +1,7 @@
 """Two tools side by side on one input: alternating rounds from scratch, medians and ratios, written as
 <out>/<name>.json and <out>/<name>.md. Used by the `hf` and `reshard` cases."""
 
+import argparse
 import json
 import os
 import shutil
@@ -12,6 +13,16 @@ from bench.run import warm_page_cache
 from bench.workflow import workflow_fingerprint
 
 MEASURES = ("wall_s", "cpu_s", "peak_rss_process_mib", "peak_rss_tree_mib")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pair_arguments(description, argv, repeats=3):
+    """--repeats, --cache and --out of a side-by-side case (the defaults of `python -m bench`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--cache", type=Path, default=REPO / "bench" / "cache")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    return parser.parse_args(argv)
 
 
 def run_pair(name, anchor, commands, *, source, scratch, out, repeats, check, timeout, described):
@@ -46,7 +57,7 @@ def run_pair(name, anchor, commands, *, source, scratch, out, repeats, check, ti
     median = {tool: {key: statistics.median(row[key] for row in rows if row["tool"] == tool) for key in MEASURES}
               for tool in tools}
     ratios = {key: round(median["ucpflow"][key] / median[anchor][key], 2) for key in MEASURES}
-    result = {**described, "workflow": workflow_fingerprint(Path(__file__).resolve().parents[1]), "runs": rows,
+    result = {**described, "workflow": workflow_fingerprint(REPO), "runs": rows,
               "median": median, "ratios": ratios}
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["| tool | wall s | CPU s | peak RSS, largest process MiB | peak RSS, tree MiB |", "|---|---|---|---|---|"]

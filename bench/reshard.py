@@ -11,12 +11,11 @@ ds_to_universal's and that the reshard wrote its 3 ranks' files and `latest`. Wr
 <out>/reshard.md.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from bench.cases import CASES, checkpoint_tag_folder
-from bench.pair import run_pair
+from bench.pair import pair_arguments, run_pair
 from bench.run import compare_with_anchor
 from bench.workflow import snapshot_workflow
 from ucpflow import dsconst
@@ -59,11 +58,7 @@ def reshard_problems(tag, run_dirs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache", type=Path, default=REPO / "bench" / "cache")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
-    args = parser.parse_args(argv)
+    args = pair_arguments(__doc__, argv, repeats=3)
     tag = checkpoint_tag_folder(CASES[CASE], args.cache)
     scratch = args.cache / "scratch" / "reshard"
     snakefile = snapshot_workflow(REPO, scratch / "workflow")

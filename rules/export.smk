@@ -108,6 +108,9 @@ rule export_hf_shard:
         stem=r"model(-\d{5}-of-\d{5})?",
     conda:
         "../envs/ucpflow.yaml"
+    resources:
+        mem_mb=hf_shard_mem_mb,
+        runtime=hf_shard_runtime,
     script:
         "../scripts/export_hf_shard.py"
 

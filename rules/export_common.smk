@@ -1,5 +1,7 @@
 # Paths and input functions of the export rules (rules/export.smk).
 
+from ucpflow.export.hf_common import shard_memory_mb, shard_runtime_minutes
+
 EXPORT = f"{DERIVED}/export"
 MEGATRON_FOLDER = SETTINGS.megatron_folder
 HF_FOLDER = SETTINGS.hf_folder
@@ -77,3 +79,11 @@ def hf_files(wildcards):
     shards = [f"{HF_FOLDER}/{stem}.safetensors" for stem in plan["shards"]]
     index = [rules.export_hf_index.output[0]] if plan["index"] else []
     return shards + index
+
+
+def hf_shard_mem_mb(wildcards):
+    return shard_memory_mb(hf_plan(), wildcards.stem)
+
+
+def hf_shard_runtime(wildcards):
+    return shard_runtime_minutes(hf_plan(), wildcards.stem)

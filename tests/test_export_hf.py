@@ -3,6 +3,7 @@ the logits of the toy Megatron GPT that DeepSpeed trained, from the same checkpo
 
 import io
 import json
+import math
 import logging
 import subprocess
 import sys
@@ -15,7 +16,14 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
 from ucpflow.errors import UcpflowError
-from ucpflow.export.hf_common import parse_size, save_order, split_into_shards
+from ucpflow.export.hf_common import (
+    TRANSFORMERS_SOURCE,
+    parse_size,
+    save_order,
+    shard_memory_mb,
+    shard_runtime_minutes,
+    split_into_shards,
+)
 
 TOKENS = [[1, 2, 3, 4, 5, 6, 7, 8], [49, 0, 17, 17, 3, 44, 2, 30]]
 MAX_SHARD_SIZE = "40KB"  # the toy model's 104 kB of bf16 weights in three files
@@ -142,3 +150,15 @@ def test_tensors_are_ordered_as_transformers_orders_them_for_saving():
     names += ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
 
     assert sorted(names, key=save_order) == sorted(names, key=dot_natural_key)
+
+
+@pytest.mark.parametrize("source, held_mib", [(TRANSFORMERS_SOURCE, 4 * 4 * 64), ("megatron", 4 * 4 * 64 + 2 * (64 + 16))])
+def test_shard_jobs_ask_slurm_for_the_memory_and_time_their_tensors_need(source, held_mib):
+    """A transformers model's shard job streams one tensor at a time; a Megatron model's holds its file's
+    tensors (bf16 here) until it writes them. Time: the fp32 bytes at 50 MB/s, plus 10 minutes."""
+    mib = 2**20
+    plan = {"source": source, "dtype": "bf16", "shards": {"model-00001-of-00002": ["big", "small"], "model-00002-of-00002": []},
+            "tensors": {"big": {"shape": [64, mib]}, "small": {"shape": [16, mib // 1024, 1024]}}}
+    assert shard_memory_mb(plan, "model-00001-of-00002") == 512 + held_mib
+    assert shard_memory_mb(plan, "model-00002-of-00002") == 512
+    assert shard_runtime_minutes(plan, "model-00001-of-00002") == 10 + math.ceil(4 * 80 * mib / 50e6 / 60)

@@ -24,6 +24,7 @@ from ucpflow.demo.launcher import (
     remove_shm_allreduce_segments,
     run_deepspeed,
 )
+from ucpflow.demo.steps import optimizer_step
 from ucpflow.demo.train import add_model_arguments, add_training_arguments
 
 CHECK_SCRIPT = Path(__file__)
@@ -90,11 +91,7 @@ def check(args) -> None:
             batch = synthetic_batch(engine.global_steps, args.micro_batch * world_size, config, seed=args.seed)
             tokens = batch[rank * args.micro_batch:(rank + 1) * args.micro_batch].to(engine.device)
             loss = engine(tokens[:, :-1], tokens[:, 1:])
-        engine.backward(loss)
-        engine.step()
-        mean_loss = loss.detach().float().clone()
-        dist.all_reduce(mean_loss)
-        losses.append(mean_loss.item() / world_size)
+        losses.append(optimizer_step(engine, loss))
     dump["losses"] = losses
     if rank == 0:
         args.dump.parent.mkdir(parents=True, exist_ok=True)

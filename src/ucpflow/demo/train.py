@@ -12,12 +12,12 @@ parameters, which therefore keep their seeded initial values (equal to the saved
 """
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from ucpflow.demo import DEFAULT_DEMO_SPEC
 from ucpflow.demo.launcher import exit_finished_rank, remove_shm_allreduce_segments
+from ucpflow.demo.steps import optimizer_step, write_losses
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
@@ -115,12 +115,7 @@ def train(args):
     for _ in range(args.steps):
         batch = synthetic_batch(engine.global_steps, global_batch, config, seed=args.seed)
         tokens = batch[rank * args.micro_batch:(rank + 1) * args.micro_batch].to(engine.device)
-        loss = engine(tokens[:, :-1], tokens[:, 1:])
-        engine.backward(loss)
-        engine.step()
-        mean_loss = loss.detach().float().clone()
-        dist.all_reduce(mean_loss)
-        losses.append(mean_loss.item() / world_size)
+        losses.append(optimizer_step(engine, engine(tokens[:, :-1], tokens[:, 1:])))
 
     if args.save_dir is not None:
         client_state = {}
@@ -129,9 +124,7 @@ def train(args):
                 UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
             }
         engine.save_checkpoint(str(args.save_dir), client_state=client_state)
-    if args.losses_out is not None and rank == 0:
-        args.losses_out.parent.mkdir(parents=True, exist_ok=True)
-        args.losses_out.write_text(json.dumps(losses) + "\n")
+    write_losses(args.losses_out, losses)
     dist.barrier()
     # Left to interpreter shutdown, the gloo process group sometimes aborts the rank
     # ("terminate called without an active exception") after the checkpoint is written.

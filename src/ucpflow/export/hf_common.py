@@ -1,7 +1,9 @@
 """What every `hf` export shares: transformers' file names, dtypes and how it orders and shards tensors."""
 
+import math
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from ..errors import UcpflowError
 
@@ -12,6 +14,12 @@ WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?"
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ITEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# The plan's `source` when a transformers model's tensors are merged straight from the rank files.
+TRANSFORMERS_SOURCE = "transformers"
+# What a job needs besides its tensors, and the pessimistic read rate its time limit is sized for (as merge jobs).
+BASE_MEMORY_MB = 512
+BASE_RUNTIME_MINUTES = 10
+READ_BYTES_PER_SECOND = 50e6
 
 
 def parse_size(size: int | str) -> int:
@@ -55,3 +63,23 @@ def shard_stems(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_FILE_STEM]
     return [f"{SINGLE_FILE_STEM}-{i + 1:05d}-of-{count:05d}" for i in range(count)]
+
+
+def _shard_numels(plan: Mapping[str, Any], stem: str) -> list[int]:
+    return [math.prod(plan["tensors"][name]["shape"]) for name in plan["shards"][stem]]
+
+
+def shard_memory_mb(plan: Mapping[str, Any], stem: str) -> int:
+    """MB a job writing safetensors file `stem` of `plan` needs: a transformers model's job streams one tensor at
+    a time (its fp32 fragments, the merged tensor, the cast copy); a Megatron model's holds the file's tensors
+    in the export dtype until it writes them."""
+    numels = _shard_numels(plan, stem)
+    held = 4 * 4 * max(numels, default=0)
+    if plan.get("source") != TRANSFORMERS_SOURCE:
+        held += ITEM_BYTES[plan["dtype"]] * sum(numels)
+    return BASE_MEMORY_MB + math.ceil(held / 2**20)
+
+
+def shard_runtime_minutes(plan: Mapping[str, Any], stem: str) -> int:
+    """Minutes for the job writing `stem`: its tensors' fp32 bytes read at a pessimistic 50 MB/s, plus start-up."""
+    return BASE_RUNTIME_MINUTES + math.ceil(4 * sum(_shard_numels(plan, stem)) / READ_BYTES_PER_SECOND / 60)

@@ -32,14 +32,14 @@ from ..markers import write_marker
 from ..source.hfconfig import CONFIG_FILE
 from ..stages.merge import BucketMerger
 from ..tables import FORMAT_MODULE, IndexFiles, Layout, Parameter, read_parameters
-from .hf_common import GENERATION_CONFIG_FILE, parse_size, save_order
+from .hf_common import GENERATION_CONFIG_FILE, TRANSFORMERS_SOURCE, parse_size, save_order
 from .safetensors_out import FLOATS, write_safetensors
 
 if TYPE_CHECKING:
     import torch
     import transformers
 
-SOURCE = "transformers"
+SOURCE = TRANSFORMERS_SOURCE
 OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
@@ -32,13 +33,7 @@ def load(path: str | os.PathLike[str], findings: list[Finding] | None = None) ->
     list, which then receives them (guard.Finding) while the stand-ins are returned.
     """
     path = os.fspath(path)
-    try:
-        file = open(path, "rb")
-    except OSError as exc:
-        raise _open_error(path, exc) from None
-    with file:
-        zip_file, records = _open_container(path, file)
-        file_size = os.fstat(file.fileno()).st_size
+    with _opened(path) as (file, zip_file, records, file_size):
         byteorder = records.get("byteorder")
         if byteorder is not None and _read_record(path, zip_file, byteorder, file_size) != b"little":
             raise CheckpointError(f"Checkpoint file {path} was saved big-endian, which ucpflow cannot read.")
@@ -56,19 +51,25 @@ def check_container(path: str | os.PathLike[str]) -> None:
     legacy format, truncated (its zip central directory, at the file's end, is unreadable) or without data.pkl;
     only the file's head and its zip directory are read, nothing is unpickled."""
     path = os.fspath(path)
-    try:
-        file = open(path, "rb")
-    except OSError as exc:
-        raise _open_error(path, exc) from None
-    with file:
-        _, records = _open_container(path, file)
-        file_size = os.fstat(file.fileno()).st_size
+    with _opened(path) as (_, _, records, file_size):
         for info in records.values():
             if info.header_offset + info.compress_size > file_size:
                 raise CheckpointError(
                     f"Checkpoint file {path} is truncated: its record {info.filename} ends beyond the file's "
                     f"{file_size} bytes."
                 )
+
+
+@contextmanager
+def _opened(path: str):
+    """(file, zip file, {record name: ZipInfo}, file size) of checkpoint `path`, open for the block."""
+    try:
+        file = open(path, "rb")
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    with file:
+        zip_file, records = _open_container(path, file)
+        yield file, zip_file, records, os.fstat(file.fileno()).st_size
 
 
 def _open_container(path, file):

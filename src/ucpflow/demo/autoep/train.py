@@ -12,11 +12,11 @@ continues the data stream of the original run on any expert-parallel degree.
 """
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from ucpflow.demo.launcher import exit_finished_rank
+from ucpflow.demo.steps import optimizer_step, write_losses
 
 PRESETS = {"mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
 
@@ -157,21 +157,14 @@ def train(args):
     losses = []
     for _ in range(args.steps):
         tokens = global_batch_tokens(engine.global_steps, args)[rank * micro_batch:(rank + 1) * micro_batch]
-        loss = engine(input_ids=tokens, labels=tokens).loss
-        engine.backward(loss)
-        engine.step()
-        mean_loss = loss.detach().float().clone()
-        dist.all_reduce(mean_loss)
-        losses.append(mean_loss.item() / dist.get_world_size())
+        losses.append(optimizer_step(engine, engine(input_ids=tokens, labels=tokens).loss))
     if rank == 0:
         print(f"optimizer {type(engine.optimizer).__name__}, steps {first_step + 1}..{engine.global_steps}, "
               f"losses {losses}", flush=True)
 
     if args.save_dir is not None:
         engine.save_checkpoint(str(args.save_dir))
-    if args.losses_out is not None and rank == 0:
-        args.losses_out.parent.mkdir(parents=True, exist_ok=True)
-        args.losses_out.write_text(json.dumps(losses) + "\n")
+    write_losses(args.losses_out, losses)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -16,11 +16,11 @@ continues the data stream of the original run on any layout.
 """
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from ucpflow.demo.launcher import exit_finished_rank
+from ucpflow.demo.steps import optimizer_step, write_losses
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,22 +184,15 @@ def train(args):
     losses = []
     for _ in range(args.steps):
         tokens = global_batch_tokens(engine.global_steps, args)[dp_rank * micro_batch:(dp_rank + 1) * micro_batch]
-        loss = engine(input_ids=tokens, labels=tokens).loss
-        engine.backward(loss)
-        engine.step()
         # Every rank of a tensor-parallel group has the loss of its group's micro-batch.
-        mean_loss = loss.detach().float().clone()
-        dist.all_reduce(mean_loss)
-        losses.append(mean_loss.item() / dist.get_world_size())
+        losses.append(optimizer_step(engine, engine(input_ids=tokens, labels=tokens).loss))
     if dist.get_rank() == 0:
         print(f"optimizer {type(engine.optimizer).__name__}, steps {first_step + 1}..{engine.global_steps}, "
               f"losses {losses}", flush=True)
 
     if args.save_dir is not None:
         engine.save_checkpoint(str(args.save_dir))
-    if args.losses_out is not None and dist.get_rank() == 0:
-        args.losses_out.parent.mkdir(parents=True, exist_ok=True)
-        args.losses_out.write_text(json.dumps(losses) + "\n")
+    write_losses(args.losses_out, losses)
     dist.barrier()
     # Left to interpreter shutdown, the gloo process group sometimes aborts the rank after the
     # checkpoint is written.

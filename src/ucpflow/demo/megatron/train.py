@@ -15,11 +15,11 @@ The checkpoint is saved the way Megatron-DeepSpeed saves one: tag global_step{N}
 
 import argparse
 import itertools
-import json
 import os
 from pathlib import Path
 
 from ucpflow.demo.launcher import exit_finished_rank
+from ucpflow.demo.steps import write_losses
 from ucpflow.demo.megatron.config import QKV_LAYOUTS, GPTConfig
 from ucpflow.errors import UcpflowError
 
@@ -220,9 +220,7 @@ def train(args):
             client_state[UNIVERSAL_CHECKPOINT_INFO] = universal_checkpoint_info(
                 model.config, args.unmatched_pattern, args.omit_tp_patterns_at_tp1, args.qkv_sub_params)
         engine.save_checkpoint(str(args.save_dir), client_state=client_state)
-    if args.losses_out is not None and dist.get_rank() == 0:
-        args.losses_out.parent.mkdir(parents=True, exist_ok=True)
-        args.losses_out.write_text(json.dumps(losses) + "\n")
+    write_losses(args.losses_out, losses)
     dist.barrier()
 
 
