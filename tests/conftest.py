@@ -4,12 +4,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+# The tests' model descriptions (ucpflow.export.model_description) go to a cache of their own, not the user's.
+os.environ.setdefault("UCPFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="ucpflow-test-cache-"))
 
 from ucpflow.demo.autoep import launch as autoep_launch  # noqa: E402
 from ucpflow.demo.autotp import launch as autotp_launch  # noqa: E402

@@ -103,6 +103,20 @@ def test_the_export_merges_the_rank_files_without_writing_a_universal_checkpoint
     assert {spec["kind"] for spec in plan["tensors"].values()} == {"merged", "fragments"}  # fragments: the frozen one
 
 
+def test_another_save_of_the_same_model_is_planned_from_the_cached_description(llama, tmp_path):
+    """The plan of a second export with the same config.json and dtype (every further save of a training run)
+    reads the model's description from the cache instead of importing transformers; the files are the same."""
+    tag, workdir, _, _ = llama
+    folder = tmp_path / "hf"
+    export(tag, tmp_path, folder, hf_max_shard_size="60KB")
+    [plan_log] = (tmp_path / "ucpflow-work").glob("*/logs/export/hf_plan.log")
+    assert "(cached description)" in plan_log.read_text()
+    first = workdir / "hf"
+    written = sorted(p.name for p in folder.iterdir())
+    assert written == sorted(p.name for p in first.iterdir())
+    assert all((folder / name).read_bytes() == (first / name).read_bytes() for name in written)
+
+
 def test_exclude_frozen_and_the_training_dtype(llama):
     tag, workdir, universal, _ = llama
     folder = workdir / "hf_auto"

@@ -6,8 +6,9 @@ to a transformers model folder, as `save_pretrained` writes it:
     tokenizer files                  copied when the config's folder holds them
     model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
 
-The plan job needs only the index: it builds the model on the meta device from its config, so the tensors
-saved, their order, the tied weights left out and the sharding are transformers' own. No universal checkpoint
+The plan job needs only the index and the model's description, which transformers makes on the meta device
+from the config (and ucpflow caches: model_description.py), so the tensors saved, their order, the tied
+weights left out and the sharding are transformers' own. No universal checkpoint
 is written: each shard job merges every tensor's fp32 weight straight from the rank files, through the
 extraction maps and the universal conversion's own merge (`merge.merged_weight`: over data- and
 tensor-parallel ranks, with the model-weight fallback), so it equals the universal `zero/<param>/fp32.pt`;
@@ -21,23 +22,21 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .. import ptfile
-from ..errors import CheckpointError, UcpflowError
+from ..errors import CheckpointError
 from ..fileio import copy_file, write_text
 from ..markers import write_marker
 from ..source.hfconfig import CONFIG_FILE
 from ..stages.merge import BucketMerger
 from ..tables import FORMAT_MODULE, IndexFiles, Layout, Parameter, read_parameters
-from .hf_common import GENERATION_CONFIG_FILE, TRANSFORMERS_SOURCE, parse_size, save_order
+from .hf_common import TRANSFORMERS_SOURCE, parse_size
+from .model_description import model_description
 from .safetensors_out import FLOATS, write_safetensors
 
-if TYPE_CHECKING:
-    import torch
-    import transformers
 
 SOURCE = TRANSFORMERS_SOURCE
 OUTPUT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -84,93 +83,58 @@ def training_dtype(state: Mapping[str, Any]) -> str:
     return "float32"
 
 
-def meta_model(config: transformers.PreTrainedConfig) -> transformers.PreTrainedModel:
-    """The model of `config` on the meta device (its architecture class, else AutoModelForCausalLM)."""
-    import torch
-    import transformers
-
-    names = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, names[0], None) if names else None
-    with torch.device("meta"):
-        if model_class is not None:
-            return model_class._from_config(config)
-        return transformers.AutoModelForCausalLM.from_config(config)
-
-
-def saved_state_dict(model: transformers.PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The tensors save_pretrained writes: the state dict without tied copies, in the order of a model that
-    from_pretrained loaded (sorted by name part by part), which decides the sharding."""
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    if list(revert_weight_conversion(model, dict(state_dict))) != list(state_dict):
-        raise UcpflowError(f"{type(model).__name__} renames or converts its weights when saving, which the hf "
-                           "export does not support.")
-    return dict(sorted(state_dict.items(), key=lambda item: save_order(item[0])))
-
-
-def generation_config(config_folder: Path | str, model: transformers.PreTrainedModel,
-                      config: transformers.PreTrainedConfig) -> dict[str, Any]:
-    path = Path(config_folder) / GENERATION_CONFIG_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    from transformers import GenerationConfig
-
-    return json.loads(GenerationConfig.from_model_config(config).to_json_string(use_diff=True))
-
-
 def transformers_plan(config_folder: str, layout: Layout, params: list[Parameter], hf_dtype: str, exclude_frozen: bool,
-                      max_shard_size: int | str) -> dict[str, Any]:
-    import torch
-    import transformers
-    from huggingface_hub import split_torch_state_dict_into_shards
+                      max_shard_size: int | str) -> tuple[dict[str, Any], bool]:
+    """(what the export writes: every tensor save_pretrained would save, with where its values come from, split
+    into files as huggingface_hub splits them, and the config files; whether the model's description came from
+    the cache, see model_description)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
 
-    config = transformers.AutoConfig.from_pretrained(config_folder)
     sources, frozen, shared, state = checkpoint_tensors(layout, params)
     dtype = training_dtype(state) if hf_dtype == "auto" else OUTPUT_DTYPES[hf_dtype or "fp32"]
-    model = meta_model(config).to(getattr(torch, dtype))
-    known = {name for name, _ in model.named_parameters(remove_duplicate=False)} | set(model.state_dict())
-    unexpected = sorted(set(sources) - known)
+    description, cached = model_description(config_folder, dtype)
+    model = description["model"]
+    unexpected = sorted(set(sources) - set(description["known"]))
     if unexpected:
         raise CheckpointError(f"Parameter {unexpected[0]} of the checkpoint ({len(unexpected)} in all) is not part of "
-                              f"{type(model).__name__} built from {Path(config_folder) / CONFIG_FILE}.")
-    saved = saved_state_dict(model)
+                              f"{model} built from {Path(config_folder) / CONFIG_FILE}.")
     tensors = {}
-    for name, tensor in saved.items():
+    for name, shape, tensor_dtype in description["saved"]:
         if exclude_frozen and name in frozen:
             continue
         source = sources.get(name) or sources.get(shared.get(name))
         if source is None:
-            raise CheckpointError(f"The checkpoint holds no tensor {name} of {type(model).__name__} (built from "
+            raise CheckpointError(f"The checkpoint holds no tensor {name} of {model} (built from "
                                   f"{Path(config_folder) / CONFIG_FILE}).")
-        tensors[name] = {**source, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-    split = split_torch_state_dict_into_shards({name: saved[name] for name in tensors}, max_shard_size=parse_size(
-        max_shard_size), filename_pattern="model{suffix}.safetensors")
+        tensors[name] = {**source, "shape": shape, "dtype": tensor_dtype}
+    # As split_torch_state_dict_into_shards splits meta tensors: by their bytes, none sharing storage.
+    split = split_state_dict_into_shards_factory(
+        tensors, get_storage_size=lambda spec: math.prod(spec["shape"]) * ptfile.numpy_dtype(spec["dtype"]).itemsize,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=parse_size(max_shard_size))
     shards = {file.removesuffix(".safetensors"): names for file, names in split.filename_to_tensors.items()}
-    index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+    index = {"metadata": {"total_parameters": description["total_parameters"], **split.metadata},
              "weight_map": split.tensor_to_filename} if split.is_sharded else None
-    config.dtype = dtype
-    config.architectures = [type(model).__name__]
     folder = Path(config_folder)
-    return {
+    plan = {
         "source": SOURCE,
-        "model": type(model).__name__,
+        "model": model,
         "dtype": dtype,
         "tensors": tensors,
         "shards": shards,
         "index": index,
-        "config": json.loads(config.to_json_string(use_diff=True)),
-        "generation_config": generation_config(folder, model, config),
+        "config": description["config"],
+        "generation_config": description["generation_config"],
         "copy_files": [str(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()],
     }
+    return plan, cached
 
 
 def plan_job(config_folder: str, layout: Layout, params_path: str, hf_dtype: str, exclude_frozen: bool,
              max_shard_size: int | str) -> dict:
-    plan = transformers_plan(config_folder, layout, read_parameters(params_path), hf_dtype, exclude_frozen,
-                             max_shard_size)
-    print(f"{plan['model']} from {Path(config_folder) / CONFIG_FILE}: {len(plan['tensors'])} tensors, "
+    plan, cached = transformers_plan(config_folder, layout, read_parameters(params_path), hf_dtype, exclude_frozen,
+                                     max_shard_size)
+    described = "cached description" if cached else "described with transformers"
+    print(f"{plan['model']} from {Path(config_folder) / CONFIG_FILE} ({described}): {len(plan['tensors'])} tensors, "
           f"{plan['dtype']}, {len(plan['shards'])} safetensors file(s)")
     return plan
 
