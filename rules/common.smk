@@ -39,6 +39,7 @@ from ucpflow.stages.finalize import summary_line
 from ucpflow.stages.publish import incomplete_parameter_stamp, publish_job as publish
 from ucpflow.tables import (
     FP32_FILE,
+    KIND_MODEL,
     MODEL_STATES_SUFFIX,
     OPTIMIZER_STATE_FILE,
     STAGING,

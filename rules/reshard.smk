@@ -1,6 +1,7 @@
 # `snakemake reshard`: a native DeepSpeed checkpoint for target_dp ranks at target_zero_stage, written from
-# the universal output. A plan checkpoint decides the tag folder's files; one job writes each rank file;
-# a finalize job writes `latest` last.
+# the source's rank files through the index and the extraction maps (no universal checkpoint is written).
+# A plan checkpoint decides the tag folder's files; one job writes each rank file; a finalize job writes
+# `latest` last.
 
 
 include: "reshard_common.smk"
@@ -10,6 +11,7 @@ checkpoint reshard_plan:
     """Decide the target's degree, stage and precision and its files; refuse TP/PP/EP sources."""
     input:
         layout=rules.index.output.layout,
+        params=rules.index.output.params,
         model_states=reshard_model_states,
     output:
         f"{RESHARD_WORK}/plan.json",
@@ -30,10 +32,12 @@ checkpoint reshard_plan:
 
 
 rule reshard_rank_file:
-    """Write one model- or optimizer-states file of the target tag folder from the universal output."""
+    """Write one model- or optimizer-states file of the target tag folder from the source's rank files."""
     input:
+        **rules.index.output,
         plan=rules.reshard_plan.output[0],
-        universal=universal_outputs,
+        maps=reshard_maps,
+        model_states=reshard_model_states,
     output:
         f"{RESHARD_FOLDER}/{{tag}}/{{name}}_states.pt",
     log:
@@ -46,7 +50,6 @@ rule reshard_rank_file:
     conda:
         "../envs/ucpflow.yaml"
     params:
-        universal_folder=OUT,
         # <reshard_folder>/<tag>/<file>
         reshard_folder=lambda wildcards, output: os.path.dirname(
             os.path.dirname(output[0])

@@ -12,6 +12,16 @@ def reshard_model_states(wildcards):
     return indexed_layout().layout.model_files
 
 
+def reshard_maps(wildcards):
+    """The extraction maps of the source's rank files, through which rank-file jobs read them."""
+    sources = indexed_layout().sources
+    return [
+        f"{DERIVED}/extract/{name}.tsv"
+        for name, source in sources.items()
+        if source.kind != KIND_MODEL
+    ]
+
+
 def reshard_files(wildcards):
     plan = reshard_plan()
     names = list(plan["model_files"]) + list(plan["optim_files"])

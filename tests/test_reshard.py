@@ -267,7 +267,6 @@ def test_hf_trainer_layout_reshards_and_carries_its_side_files(trainer_checkpoin
     assert torch.load(folder / "scheduler.pt", weights_only=True)["last_epoch"] == 2
 
 
-
 HF_TRAINER_RUN = Path(__file__).with_name("hf_trainer_run.py")
 TRAINER_FROZEN = "model.embed_tokens.weight"
 
@@ -298,6 +297,9 @@ def test_hf_trainer_resumes_a_reshard_at_another_degree_and_stage(hf_trainer_che
                                "reshard_folder": folder, "target_dp": 1, "target_zero_stage": 2})
     assert "not carried: training_args.bin" in result.stderr
     assert {"trainer_state.json", "scheduler.pt", "config.json", "latest"} <= {p.name for p in folder.iterdir()}
+    # The reshard reads the rank files themselves: the universal checkpoint to compare with is converted now.
+    assert not universal.exists()
+    convert(tmp_path / "run", hf_trainer_checkpoint, universal)
 
     dump_path = tmp_path / "resumed.pt"
     run_hf_trainer(1, tmp_path / "resumed.log", output_dir=tmp_path / "resumed", zero_stage=2, max_steps=3,

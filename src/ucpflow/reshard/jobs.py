@@ -16,11 +16,12 @@ from ..errors import UcpflowError
 from ..fileio import copy_file, remove_leftovers, write_text
 from ..source.layout import discover, load_structure
 from ..markers import retract, write_marker
-from ..tables import Layout, read_index_record
+from ..tables import IndexFiles, Layout, read_index_record, read_parameters
 from .carry import carried_files, copy_side_files
 from .overview import reshard_overview
 from .source import (
     MODULE,
+    check_parameters,
     frozen_parameters,
     optimized_groups,
     read_source,
@@ -68,12 +69,13 @@ def check_precision(source_dtype: str, target_dtype: str, folder: str) -> None:
                            f"{'fp16' if source_dtype == 'fp16' else 'bf16 or fp32'}.")
 
 
-def plan_job(layout_path: str, output: str, *, reshard_folder: str, target_dp: int | None,
+def plan_job(layout_path: str, params_path: str, output: str, *, reshard_folder: str, target_dp: int | None,
              target_stage: int | None, target_dtype: str, sub_group_size: int) -> str:
     """Write the plan: the target's degree, stage and precision (defaults: the source's) and its files."""
     record = read_index_record(layout_path)
     layout = record.layout
     check_source(layout)
+    check_parameters(read_parameters(params_path), layout.folder)
     source_dtype = saved_precision(layout.model_files[0])
     target = Target(int(target_dp or layout.dp_degree), int(target_stage or layout.zero_stage),
                     target_dtype or source_dtype)
@@ -101,19 +103,23 @@ def _plan(plan_path: str):
     return plan, Target(**plan["target"])
 
 
-def rank_file_job(plan_path: str, universal_folder: str, reshard_folder: str, output: str) -> None:
-    """Write one model- or optimizer-states file of the target tag folder."""
+def rank_file_job(plan_path: str, index: IndexFiles, map_paths: list[str], reshard_folder: str, output: str) -> None:
+    """Write one model- or optimizer-states file of the target tag folder, reading the source's rank files
+    through the index and the extraction maps `map_paths`."""
     plan, target = _plan(plan_path)
     name = os.path.basename(output)
+    if name not in plan["model_files"] and name not in plan["optim_files"]:
+        raise UcpflowError(f"{output} is not a file of the reshard plan {plan_path}.")
     retract(os.path.join(reshard_folder, LATEST))
     remove_leftovers(output)
-    source = read_source(universal_folder)
-    if name in plan["model_files"]:
-        write_model_file(source, target, plan["model_files"][name], output)
-    elif name in plan["optim_files"]:
-        write_optimizer_file(source, target, plan["optim_files"][name], output, plan["sub_group_size"])
-    else:
-        raise UcpflowError(f"{output} is not a file of the reshard plan {plan_path}.")
+    source = read_source(index, map_paths)
+    try:
+        if name in plan["model_files"]:
+            write_model_file(source, target, plan["model_files"][name], output)
+        else:
+            write_optimizer_file(source, target, plan["optim_files"][name], output, plan["sub_group_size"])
+    finally:
+        source.close()
 
 
 def carry_job(plan_path: str, reshard_folder: str, output: str) -> None:

@@ -1,12 +1,13 @@
-"""What a reshard reads from the universal checkpoint of its source: the model states, the optimizer's
-global state and, per parameter, the flat elements of its fp32 weight and Adam moments.
+"""What a reshard reads from its source checkpoint: the model states, the optimizer's global state and, per
+parameter, flat elements of its fp32 weight and Adam moments, straight from the source's rank files.
 
-The universal output (`<output_folder>/zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`,
-`zero/optimizer_state.pt` and the copied model-states files) holds every byte training needs, in one
-layout whatever the source's ZeRO stage, dtype or degree, so every target is written from it.
+A parameter's state is read the way the universal conversion's merge stage reads it (`stages.merge`), through
+the index's fragment table and the extraction maps (`stages.extract.FragmentReader`): its fragments
+concatenated over data-parallel ranks are the elements of its universal tensor (`zero/<param>/<state>.pt`),
+flat for a ZeRO-3 source and shaped for a ZeRO-1/2 one, with no padding either way. Only the elements a
+target rank needs are read, one range at a time, so no universal checkpoint is written first.
 """
 
-import glob
 import os
 from dataclasses import dataclass, field
 
@@ -14,9 +15,22 @@ import numpy as np
 
 from .. import dsconst as C
 from .. import ptfile
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UcpflowError
+from ..ptfile import ArrayTensor, TensorRef
 from ..source.layout import natural_keys
-from ..ptfile import TensorRef
+from ..source.patterns import AFFINE
+from ..stages.extract import FragmentReader
+from ..stages.finalize import universal_optimizer_state
+from ..stages.merge import source_name_of
+from ..tables import (
+    FORMAT_EXPERT,
+    Fragment,
+    IndexFiles,
+    Parameter,
+    read_extraction,
+    read_fragments,
+    read_index_record,
+)
 
 FP32 = "fp32"
 STEP = "step"
@@ -24,48 +38,67 @@ MODULE = "module"
 # Keys of DeepSpeed's model states that checkpoint/constants.py does not name (engine._common_checkpoint_state).
 SHARED_PARAMS = "shared_params"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-OPTIMIZER_STATE_FILE = "optimizer_state.pt"
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
+class FragmentedState:
+    """One state of one parameter as its universal tensor holds it (flat, unpadded), read from the
+    fragments the data-parallel ranks hold, in rank order: `read(start, count)` reads those elements only."""
+
+    def __init__(self, reader: FragmentReader, fragments: list[Fragment], name: str, state: str):
+        self.reader, self.name, self.state = reader, name, state
+        self.parts, position = [], 0
+        for fragment in sorted(fragments, key=lambda f: f.dp):
+            self.parts.append((position, fragment))
+            position += fragment.numel
+        self.numel = position
+        self.dtype = reader.locate(self.parts[0][1].file, self.parts[0][1].tensor)[0] if self.parts else "float32"
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Flat elements [start, start + count), in the dtype of the rank files' flat tensors."""
+        if start < 0 or start + count > self.numel:
+            raise CheckpointError(f"Elements [{start}, {start + count}) of the {self.state} of {self.name} lie outside "
+                                  f"its {self.numel} elements.")
+        out = np.empty(count, dtype=ptfile.numpy_dtype(self.dtype))
+        for position, fragment in self.parts:
+            lo, hi = max(start, position), min(start + count, position + fragment.numel)
+            if lo < hi:
+                self.reader.read_into(out[lo - start : hi - start], fragment.file, fragment.tensor,
+                                      fragment.offset + lo - position)
+        return out
+
+
 @dataclass
 class SourceModel:
-    """The source's model states and optimizer settings, read from its universal checkpoint."""
+    """The source's model states and optimizer settings, and a reader of its parameters' states."""
 
-    universal_folder: str
     model_state_path: str
     model_state: dict
     optimizer_state: dict
     stage: int
     dtype: str  # bf16, fp16 or fp32: the training precision of the module weights
     groups: list  # per parameter group: [(name, shape), ...] of its trainable parameters, in order
+    model_files: list  # the source's model-states files in data-parallel rank order
     frozen: list = field(default_factory=list)  # [(name, shape)] of frozen parameters
     step: object = None  # Adam's step as saved (a 0-d tensor or a number)
+    states: dict = field(default_factory=dict)  # {(name, state): FragmentedState}
+    reader: FragmentReader | None = None  # reads the states' fragments from the rank files
 
     @property
     def module(self) -> dict:
         return self.model_state[MODULE]
 
-    def tensor(self, name: str, state: str) -> TensorRef:
-        """The universal tensor of one parameter's state (flat for ZeRO-3 sources, shaped otherwise)."""
-        path = os.path.join(self.universal_folder, "zero", name, f"{state}.pt")
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path} is missing: the universal checkpoint holds no {state} of {name}.")
-        value = ptfile.load(path)
-        if isinstance(value, dict):
-            value = value.get(C.PARAM)
-        if not isinstance(value, TensorRef) or not value.is_contiguous:
-            raise CheckpointError(f"{path} does not hold a contiguous tensor.")
-        return value
+    def tensor(self, name: str, state: str) -> FragmentedState:
+        """One parameter's state, as the elements of its universal tensor."""
+        try:
+            return self.states[name, state]
+        except KeyError:
+            raise CheckpointError(f"The index lists no {state} fragments of {name} in any rank file.") from None
 
-    def has_state(self, name: str, state: str) -> bool:
-        return os.path.isfile(os.path.join(self.universal_folder, "zero", name, f"{state}.pt"))
-
-
-def model_state_files(universal_folder: str) -> list[str]:
-    """The copied model-states files of a universal checkpoint, in DeepSpeed's (natural) order."""
-    return sorted(glob.glob(os.path.join(universal_folder, f"*{C.MODEL_FILE_SUFFIX}")), key=natural_keys)
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
 def _module_dtype(path, module, groups):
@@ -87,16 +120,31 @@ def saved_precision(path: str) -> str:
     return _module_dtype(path, module, [list(group.items()) for group in shapes])
 
 
-def _step(universal_folder, stage, groups, optimizer_state):
+def check_parameters(params: list[Parameter], folder: str) -> None:
+    """Refuse parameters whose universal tensor is not their fragments side by side (AutoEP experts, AutoTP's
+    affine maps, a vocabulary trimmed of its padding)."""
+    for row in params:
+        if row.format == FORMAT_EXPERT or row.merge == AFFINE or row.vocabulary:
+            what = "an AutoEP expert" if row.format == FORMAT_EXPERT else (
+                "declared an AutoTP affine map" if row.merge == AFFINE else "a vocabulary whose padding the universal "
+                "checkpoint drops")
+            raise UcpflowError(f"Parameter {row.param} of {folder} is {what}, which reshard does not write; convert the "
+                               "checkpoint to the universal checkpoint with `snakemake` instead.")
+
+
+def _step(reader, stage, groups, optimizer_state, fragments):
+    """Adam's step as the universal checkpoint holds it: ZeRO-3's from zero/optimizer_state.pt; ZeRO-1/2's
+    from step.pt of the first parameter that has one (its lowest data-parallel rank's fragment)."""
     if stage > 2:
         states = (optimizer_state.get(C.OPTIMIZER_STATE_DICT) or {}).get("state") or {}
         first = states.get(0) or next(iter(states.values()), {})
         return first.get(STEP) if isinstance(first, dict) else None
     for group in groups:
         for name, _ in group:
-            path = os.path.join(universal_folder, "zero", name, f"{STEP}.pt")
-            if os.path.isfile(path):
-                return ptfile.load(path)
+            steps = fragments.get((name, STEP))
+            if steps:
+                first = min(steps, key=lambda f: f.dp)
+                return reader.value(first.file, first.tensor)
     return None
 
 
@@ -136,37 +184,59 @@ def frozen_parameters(model_state: dict, groups: list) -> list:
     return frozen
 
 
-def read_source(universal_folder: str) -> SourceModel:
-    """Read the universal checkpoint's model states (the first file) and optimizer settings."""
-    files = model_state_files(universal_folder)
-    if not files:
-        raise CheckpointError(f"{universal_folder} holds no model-states file (*{C.MODEL_FILE_SUFFIX}).")
-    path = files[0]
+def _first_model_file(paths):
+    """The model-states file ds_to_universal's copies list first (by name, in natural order)."""
+    return min(paths, key=lambda path: natural_keys(os.path.basename(path)))
+
+
+def read_source(index: IndexFiles, map_paths: list[str]) -> SourceModel:
+    """The source checkpoint's model states (its first model-states file), optimizer settings and a reader of
+    its parameters' states through the extraction maps `map_paths` of its rank files."""
+    record = read_index_record(index.layout)
+    layout = record.layout
+    if not layout.model_files:
+        raise CheckpointError(f"{layout.folder} holds no model-states file (*{C.MODEL_FILE_SUFFIX}).")
+    path = _first_model_file(layout.copy_files or layout.model_files)
     model_state = ptfile.load(path)
     if not isinstance(model_state, dict) or not isinstance(model_state.get(MODULE), dict):
         raise CheckpointError(f"{path} holds no `module` state dict.")
     groups = optimized_groups(path, model_state)
-    optimizer_path = os.path.join(universal_folder, "zero", OPTIMIZER_STATE_FILE)
-    optimizer_state = ptfile.load(optimizer_path)
-    stage = _zero_stage(optimizer_path, optimizer_state)
-    module = model_state[MODULE]
-    frozen = frozen_parameters(model_state, groups)
+    optimizer_state = universal_optimizer_state(record)
+    stage = _zero_stage(record.optimizer_state_source, optimizer_state)
+    trainable = {name for group in groups for name, _ in group}
+    fragments = {}
+    for fragment in read_fragments(index.fragments):
+        if fragment.param in trainable:
+            fragments.setdefault((fragment.param, fragment.state), []).append(fragment)
+    reader = FragmentReader({record.source_path(source_name_of(p)): read_extraction(p) for p in map_paths})
+    states = {key: FragmentedState(reader, found, *key) for key, found in fragments.items() if key[1] != STEP}
     return SourceModel(
-        universal_folder=universal_folder,
         model_state_path=path,
         model_state=model_state,
         optimizer_state=optimizer_state,
         stage=stage,
-        dtype=_module_dtype(path, module, groups),
+        dtype=_module_dtype(path, model_state[MODULE], groups),
         groups=groups,
-        frozen=frozen,
-        step=_step(universal_folder, stage, groups, optimizer_state),
+        model_files=list(layout.model_files),
+        frozen=frozen_parameters(model_state, groups),
+        step=_step(reader, stage, groups, optimizer_state, fragments),
+        states=states,
+        reader=reader,
     )
 
 
-def read_elements(tensor: TensorRef, start: int, count: int) -> np.ndarray:
-    """Flat float32 elements [start, start + count) of a universal tensor (bf16/fp16 ones widened)."""
+def read_elements(tensor: TensorRef | FragmentedState, start: int, count: int) -> np.ndarray:
+    """Flat float32 elements [start, start + count) of a tensor (bf16/fp16 ones widened)."""
     array = tensor.read(start, count)
     if tensor.dtype == "bfloat16":
         return ptfile.bfloat16_bits_to_float32(array)
     return array.astype(np.float32, copy=False)
+
+
+def step_copy(step: object) -> object:
+    """A tensor step as a new tensor of its own, a plain number as is."""
+    if isinstance(step, TensorRef):
+        return ArrayTensor(step.read_array().copy(), step.dtype)
+    if isinstance(step, ArrayTensor):
+        return ArrayTensor(step.array.copy(), step.dtype, step.shape)
+    return step

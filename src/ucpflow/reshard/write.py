@@ -1,8 +1,8 @@
 """Writing the files DeepSpeed's `save_checkpoint` writes for M data-parallel ranks at ZeRO stage S.
 
 Every flat tensor (a rank's fp32 partition, its Adam moments) is a `StreamTensor`: its bytes are read
-from the universal checkpoint one parameter piece at a time while the zip record is written, so a
-job's memory stays at one piece however large the partition.
+from the source's rank files one parameter piece at a time (a chunk of at most `CHUNK_ELEMENTS`) while the
+zip record is written, so a job's memory stays at one chunk however large the partition.
 """
 
 import copy
@@ -32,9 +32,10 @@ from .source import (
     MOMENTS,
     SHARED_PARAMS,
     TORCH_DTYPES,
+    FragmentedState,
     SourceModel,
-    model_state_files,
     read_elements,
+    step_copy,
 )
 
 CHUNK_ELEMENTS = 4 << 20  # elements read and written at a time
@@ -85,7 +86,7 @@ def _zeros(count: int, dtype: str):
         count -= step
 
 
-def _range(tensor: TensorRef, start: int, count: int, dtype: str):
+def _range(tensor: TensorRef | FragmentedState, start: int, count: int, dtype: str):
     for offset in range(start, start + count, CHUNK_ELEMENTS):
         step = min(CHUNK_ELEMENTS, start + count - offset)
         yield _cast(read_elements(tensor, offset, step), dtype).view(np.uint8)
@@ -93,7 +94,7 @@ def _range(tensor: TensorRef, start: int, count: int, dtype: str):
 
 def flat_stream(source: SourceModel, names: list, partition: FlatPartition, state: str, numel: int,
                 dtype: str = "float32") -> StreamTensor:
-    """`numel` elements of a rank's flat tensor of `state`: its pieces from the universal tensors, zeros between."""
+    """`numel` elements of a rank's flat tensor of `state`: its parameters' pieces, zeros between."""
 
     def chunks():
         position = 0
@@ -109,13 +110,13 @@ def flat_stream(source: SourceModel, names: list, partition: FlatPartition, stat
     return StreamTensor(dtype, (numel,), chunks)
 
 
-def _whole_stream(tensor: TensorRef, shape, dtype: str) -> StreamTensor:
+def _whole_stream(tensor: TensorRef | FragmentedState, shape, dtype: str) -> StreamTensor:
     """A whole weight of `shape`, cast to `dtype` as it is written."""
     numel = int(np.prod(shape, dtype=np.int64))
     return StreamTensor(dtype, tuple(shape), lambda: _range(tensor, 0, numel, dtype))
 
 
-def _slice_stream(tensor: TensorRef, numel: int, dp: int, rank: int, dtype: str) -> StreamTensor:
+def _slice_stream(tensor: TensorRef | FragmentedState, numel: int, dp: int, rank: int, dtype: str) -> StreamTensor:
     """Rank `rank`'s ZeRO-3 slice of a weight (`ds_tensor`), zero-padded to the partition size."""
     size, start, count = zero3_slice(numel, dp, rank)
 
@@ -179,10 +180,7 @@ def _has_moments(source: SourceModel) -> bool:
 def _step(source: SourceModel):
     """Adam's step for one flat group's state: a tensor of its own (torch increments it in place, so groups
     sharing one would count each step once per group), or the number an older torch saved."""
-    step = source.step
-    if isinstance(step, TensorRef):
-        return ArrayTensor(step.read_array().copy(), step.dtype)
-    return step
+    return step_copy(source.step)
 
 
 def zero12_optimizer_state(source: SourceModel, target: Target, rank: int) -> dict:
@@ -278,14 +276,13 @@ def write_optimizer_file(source: SourceModel, target: Target, rank: int, path: s
 
 
 def _frozen_weight(source: SourceModel, name: str, shape):
-    """A frozen (not optimized) parameter's weight: its universal fp32.pt, else the source's own copy."""
-    if source.has_state(name, FP32):
-        return source.tensor(name, FP32)
+    """A frozen (not optimized) parameter's weight: the module's own (ZeRO-1/2, whose universal fp32.pt is that
+    weight widened to float32), else the ranks' `frozen_param_fragments` (ZeRO-3)."""
     value = source.module.get(name)
     if isinstance(value, TensorRef) and value.numel == int(np.prod(shape, dtype=np.int64)) and value.is_contiguous:
         return value
     parts = []
-    for path in model_state_files(source.universal_folder):
+    for path in source.model_files:
         fragments = ptfile.load(path).get(C.FROZEN_PARAM_FRAGMENTS) or {}
         if not isinstance(fragments.get(name), TensorRef):
             raise CheckpointError(f"{path} holds no frozen_param_fragments entry for the frozen parameter {name}.")
