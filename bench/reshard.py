@@ -5,9 +5,9 @@ gpt124 case's checkpoint (GPT-2 small shapes, ZeRO-1, DP2, bf16, built by DeepSp
     python -m bench.reshard [--repeats N] [--cache DIR] [--out DIR]
 
 Each round runs both from scratch (the order alternating): ds_to_universal with 2 extract and 2 merge
-workers, and `snakemake --cores 2 reshard` in a fresh folder (index, extraction, the universal conversion,
-then one job per target rank file). Every round checks that ucpflow's universal output equals
-ds_to_universal's and that the reshard wrote its 3 ranks' files and `latest`. Writes <out>/reshard.json and
+workers, and `snakemake --cores 2 reshard` in a fresh folder (index, extraction, then one job per target
+rank file, read straight from the source's rank files). Every round checks that the reshard wrote its 3
+ranks' files and `latest` and no universal checkpoint. Writes <out>/reshard.json and
 <out>/reshard.md.
 """
 
@@ -16,7 +16,6 @@ from pathlib import Path
 
 from bench.cases import CASES, checkpoint_tag_folder
 from bench.pair import pair_arguments, run_pair
-from bench.run import compare_with_anchor
 from bench.workflow import snapshot_workflow
 from ucpflow import dsconst
 
@@ -42,10 +41,11 @@ def commands(tool, tag, run_dir, snakefile):
 
 
 def reshard_problems(tag, run_dirs):
-    """What is wrong with one round's outputs: the universal conversion under the reshard differs from
-    ds_to_universal's, or the target tag folder lacks a rank's files or `latest`."""
-    ours, anchor = run_dirs["ucpflow"], run_dirs["ds_to_universal"]
-    problems = compare_with_anchor(universal_folder(tag, ours), universal_folder(tag, anchor))
+    """What is wrong with one round's outputs: the target tag folder lacks a rank's files or `latest` (what
+    they hold is checked against DeepSpeed itself by tests/test_reshard.py), or the reshard wrote a universal
+    checkpoint, which it must not need."""
+    ours = run_dirs["ucpflow"]
+    problems = [f"the reshard wrote {universal_folder(tag, ours)}"] if universal_folder(tag, ours).exists() else []
     folder = ours / "reshard"
     for suffix in (dsconst.OPTIM_FILE_SUFFIX, dsconst.MODEL_FILE_SUFFIX):
         written = sorted(path.name for path in (folder / tag.name).glob(f"*{suffix}"))

@@ -47,8 +47,15 @@ rule reshard_rank_file:
     wildcard_constraints:
         tag=r"[^/]+",
         name=r"[^/]+_(model|optim)",
+    # A target of many ranks: batch its files into fewer cluster jobs (see profiles/slurm).
+    group:
+        "reshard_files"
     conda:
         "../envs/ucpflow.yaml"
+    resources:
+        # A piece of one parameter at a time (4M elements per state), whatever the file's size.
+        mem_mb=1024,
+        runtime=reshard_runtime,
     params:
         # <reshard_folder>/<tag>/<file>
         reshard_folder=lambda wildcards, output: os.path.dirname(

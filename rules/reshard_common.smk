@@ -38,3 +38,10 @@ def reshard_repair_request(wildcards):
     if all(os.path.exists(path) for path in reshard_files(wildcards)):
         return []
     return [f"{RESHARD_WORK}/repair/{os.stat(latest).st_mtime_ns}"]
+
+
+def reshard_runtime(wildcards):
+    """Minutes for one rank's file: its share of the parameters' states at a pessimistic 50 MB/s, plus start-up."""
+    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
+    total = sum(size["bytes"] for size in sizes.values())
+    return 10 + math.ceil(total / reshard_plan()["target"]["dp"] / 50e6 / 60)
