@@ -25,9 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(RUN) pytest
 
-# Under a minute: the tests that need no DeepSpeed training and no SLURM cluster.
+# About a minute: the tests that need no DeepSpeed training and no SLURM cluster, on two processes.
 test-fast: $(STAMP)
-	$(RUN) pytest -m "not deepspeed and not slurm"
+	$(RUN) pytest -m "not deepspeed and not slurm" -n 2
 
 lint: $(STAMP)
 	$(RUN) snakemake --lint
