@@ -33,8 +33,14 @@ from ucpflow.errors import UcpflowError
 from ucpflow.fileio import write_text
 from ucpflow.helptext import help_text
 from ucpflow.ptfile.allowlist import configure as allow_globals
-from ucpflow.smk import named_index_files, run_in_process
-from ucpflow.source.signature import workflow_signature
+from ucpflow.smk import (
+    BASE_MEMORY_MB,
+    job_memory_mb,
+    job_runtime_minutes,
+    named_index_files,
+    run_in_process,
+)
+from ucpflow.source.signature import NO_SIGNATURE, workflow_signature
 from ucpflow.stages.finalize import summary_line
 from ucpflow.stages.publish import incomplete_parameter_stamp, publish_job as publish
 from ucpflow.tables import (
@@ -70,7 +76,7 @@ WORK = SETTINGS.work_folder
 # changed input is indexed and converted again. A run folder that names no save to convert (see
 # checkpoint_input) derives nothing: its many saves are not read for a signature.
 SIGNATURE = (
-    "0" * 12
+    NO_SIGNATURE
     if SETTINGS.unconvertible
     else workflow_signature(config, SETTINGS.input_folder, SETTINGS.builds_demo)
 )
@@ -234,13 +240,13 @@ def _read_bucket_sizes(path):
 def merge_mem_mb(wildcards):
     """A merge holds one parameter at a time: its fragments, the merged tensor and the write buffer."""
     sizes = _read_index_file(index_output().params, _read_bucket_sizes)
-    return 512 + math.ceil(4 * sizes[wildcards.bucket]["largest"] / 2**20)
+    return job_memory_mb(4 * sizes[wildcards.bucket]["largest"])
 
 
 def merge_runtime(wildcards):
     """Minutes for a bucket at a pessimistic 50 MB/s of universal output, plus start-up."""
     sizes = _read_index_file(index_output().params, _read_bucket_sizes)
-    return 10 + math.ceil(sizes[wildcards.bucket]["bytes"] / 50e6 / 60)
+    return job_runtime_minutes(sizes[wildcards.bucket]["bytes"])
 
 
 def all_extraction_maps(wildcards):
@@ -251,13 +257,13 @@ def verify_mem_mb(wildcards, threads):
     """Each of the verify job's processes holds one parameter's source slices at a time, as a merge does."""
     sizes = _read_index_file(index_output().params, _read_bucket_sizes)
     largest = max(size["largest"] for size in sizes.values())
-    return 512 + threads * math.ceil(4 * largest / 2**20)
+    return BASE_MEMORY_MB + threads * math.ceil(4 * largest / 2**20)
 
 
 def verify_runtime(wildcards):
     """Minutes to read the source fragments and the universal files once each, at a pessimistic 50 MB/s."""
     sizes = _read_index_file(index_output().params, _read_bucket_sizes)
-    return 10 + math.ceil(2 * sum(size["bytes"] for size in sizes.values()) / 50e6 / 60)
+    return job_runtime_minutes(2 * sum(size["bytes"] for size in sizes.values()))
 
 
 def inspection_outputs(folder, category):

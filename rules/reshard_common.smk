@@ -44,4 +44,4 @@ def reshard_runtime(wildcards):
     """Minutes for one rank's file: its share of the parameters' states at a pessimistic 50 MB/s, plus start-up."""
     sizes = _read_index_file(index_output().params, _read_bucket_sizes)
     total = sum(size["bytes"] for size in sizes.values())
-    return 10 + math.ceil(total / reshard_plan()["target"]["dp"] / 50e6 / 60)
+    return job_runtime_minutes(total / reshard_plan()["target"]["dp"])

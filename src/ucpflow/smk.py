@@ -1,7 +1,9 @@
-"""Running a rule's job: its output goes to the rule's log, and a user error ends it with one sentence."""
+"""Running a rule's job: its output goes to the rule's log, and a user error ends it with one sentence; and
+the memory and time a cluster job asks for."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import traceback
@@ -15,6 +17,21 @@ from .tables import IndexFiles
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import Namedlist, Snakemake
+
+# What a job needs besides the data it holds, and the pessimistic rate its time limit is sized for.
+BASE_MEMORY_MB = 512
+BASE_RUNTIME_MINUTES = 10
+READ_BYTES_PER_SECOND = 50e6
+
+
+def job_memory_mb(held_bytes: float) -> int:
+    """MB for a job that holds `held_bytes` of data at once, plus the interpreter and its libraries."""
+    return BASE_MEMORY_MB + math.ceil(held_bytes / 2**20)
+
+
+def job_runtime_minutes(read_bytes: float) -> int:
+    """Minutes for a job that reads `read_bytes` at a pessimistic 50 MB/s, plus start-up."""
+    return BASE_RUNTIME_MINUTES + math.ceil(read_bytes / READ_BYTES_PER_SECOND / 60)
 
 
 def _job_name(snakemake):

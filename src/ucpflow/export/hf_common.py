@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UcpflowError
+from ..smk import job_memory_mb, job_runtime_minutes
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_FILE_STEM = "model"
@@ -16,10 +17,6 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 ITEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # The plan's `source` when a transformers model's tensors are merged straight from the rank files.
 TRANSFORMERS_SOURCE = "transformers"
-# What a job needs besides its tensors, and the pessimistic read rate its time limit is sized for (as merge jobs).
-BASE_MEMORY_MB = 512
-BASE_RUNTIME_MINUTES = 10
-READ_BYTES_PER_SECOND = 50e6
 
 
 def parse_size(size: int | str) -> int:
@@ -77,9 +74,9 @@ def shard_memory_mb(plan: Mapping[str, Any], stem: str) -> int:
     held = 4 * 4 * max(numels, default=0)
     if plan.get("source") != TRANSFORMERS_SOURCE:
         held += ITEM_BYTES[plan["dtype"]] * sum(numels)
-    return BASE_MEMORY_MB + math.ceil(held / 2**20)
+    return job_memory_mb(held)
 
 
 def shard_runtime_minutes(plan: Mapping[str, Any], stem: str) -> int:
     """Minutes for the job writing `stem`: its tensors' fp32 bytes read at a pessimistic 50 MB/s, plus start-up."""
-    return BASE_RUNTIME_MINUTES + math.ceil(4 * sum(_shard_numels(plan, stem)) / READ_BYTES_PER_SECOND / 60)
+    return job_runtime_minutes(4 * sum(_shard_numels(plan, stem)))
