@@ -14,6 +14,13 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "rules/common.smk"
+
+
+# Each save's paths hold one of these wildcards, whose values are the saves' own (rules/common.smk).
+wildcard_constraints:
+    **SAVE_WILDCARD_CONSTRAINTS,
+
+
 include: "rules/demo.smk"
 include: "rules/index.smk"
 include: "rules/extract.smk"
@@ -26,15 +33,16 @@ include: "rules/export.smk"
 include: "rules/verify.smk"
 
 
-# The conversion's outputs, requested by the `universal` target and by `all`, the default target.
+# The conversion's outputs for every save, requested by the `universal` target and by `all`, the default
+# target: each save's index tables (a save counts as done only with all of them present), its finalize
+# summary, every file of its universal checkpoint (so a deleted one is converted again), the tables of what
+# was converted (for `snakemake --report`), and latest_universal, last.
 CONVERSION = [
-    # Every index table: a checkpoint counts as done only with all its outputs present.
-    rules.index.output,
-    # Every parameter's files too, so that a deleted parameter folder is converted again.
-    universal_outputs,
-    SETTINGS.latest_universal,
-    # For `snakemake --report`: the tables of what was converted.
-    rules.report_tables.output,
+    refuse_unconvertible,
+    expand(rules.index.output, derived=[save.derived for save in SAVES]),
+    finished_conversions,
+    indexed_universal_files,
+    expand(rules.report_tables.output, derived=[save.derived for save in SAVES]),
 ]
 
 

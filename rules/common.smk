@@ -30,6 +30,7 @@ from ucpflow.console import (
     megatron_summary_line,
 )
 from ucpflow.errors import UcpflowError
+from ucpflow.export.megatron import TRACKER_FILE as MEGATRON_TRACKER
 from ucpflow.fileio import write_text
 from ucpflow.helptext import help_text
 from ucpflow.ptfile.allowlist import configure as allow_globals
@@ -39,10 +40,11 @@ from ucpflow.smk import (
     job_runtime_minutes,
     named_index_files,
     run_in_process,
+    SAVES_NAMED_ENV,
 )
-from ucpflow.source.signature import NO_SIGNATURE, workflow_signature
-from ucpflow.stages.finalize import summary_line
+from ucpflow.stages.finalize import summary_line, write_latest_universal
 from ucpflow.stages.publish import incomplete_parameter_stamp, publish_job as publish
+from ucpflow.targets import SAVE_WILDCARDS, select
 from ucpflow.tables import (
     FP32_FILE,
     KIND_MODEL,
@@ -60,6 +62,8 @@ try:
     coerce_command_line_values(config, SCHEMA)
     validate(config, schema="../schemas/config.schema.yaml", set_default=True)
     SETTINGS = Settings.from_config(config)
+    # The saves this run converts (one, or a run's saves chosen by `tags`), each named in the rules' paths.
+    SELECTION = select(config, SETTINGS)
     # Every job (a fresh process, possibly on another node) reads the user's extra allowed globals from here.
     allow_globals(config["allow_globals"])
 except WorkflowError as error:
@@ -70,23 +74,60 @@ except UcpflowError as error:
 # A failed job's console: its one `ucpflow error:` line, not Snakemake's exception report after it.
 FAILURE_REPORT = install_console_filter(snakemake_logger)
 STARTED = time.time()
-OUT = SETTINGS.output_folder
 WORK = SETTINGS.work_folder
-# Everything derived from the input lives under a folder named by the input files' identity, so a
-# changed input is indexed and converted again. A run folder that names no save to convert (see
-# checkpoint_input) derives nothing: its many saves are not read for a signature.
-SIGNATURE = (
-    NO_SIGNATURE
-    if SETTINGS.unconvertible
-    else workflow_signature(config, SETTINGS.input_folder, SETTINGS.builds_demo)
-)
-DERIVED = f"{WORK}/{SIGNATURE}"
-if SETTINGS.builds_demo:
-    forget_vanished_demo(SETTINGS.demo_folder, DERIVED)
-INDEX = f"{DERIVED}/index"
 LOGS = f"{WORK}/logs"
 BENCHMARKS = f"{WORK}/benchmarks"
 INSPECT = SETTINGS.inspect_folder
+SAVES = SELECTION.saves
+# Jobs' progress lines name their save when there are several (ucpflow.smk).
+os.environ[SAVES_NAMED_ENV] = "1" if SETTINGS.many else ""
+SAVE_BY = {name: SELECTION.by(name) for name in SAVE_WILDCARDS}
+for notice in SELECTION.notices:
+    print(f"ucpflow: {notice}", file=sys.stderr)
+
+
+def _one_of(values):
+    return "|".join(re.escape(value) for value in values) or "(?!)"
+
+
+# Each rule names its save through one of these wildcards (ucpflow.targets.SaveTarget.key): a folder in a
+# root (the universal checkpoint, the exports, the reshard) or a path in the work folder. Everything derived
+# from a save lives under a folder named by its input files' identity, so a changed save is indexed and
+# converted again, and an unchanged one is left alone. (The Snakefile declares them.)
+SAVE_WILDCARD_CONSTRAINTS = {name: _one_of(SAVE_BY[name]) for name in SAVE_WILDCARDS}
+DERIVED = f"{WORK}/{{derived}}"
+INDEX = f"{DERIVED}/index"
+OUT = os.path.join(SELECTION.root("universal"), "{universal}")
+LATEST_UNIVERSAL_FILE = SETTINGS.latest_universal
+if SETTINGS.builds_demo:
+    forget_vanished_demo(SETTINGS.demo_folder, f"{WORK}/{SAVES[0].derived}")
+
+
+def save_of(wildcards):
+    """The save (ucpflow.targets.SaveTarget) a job's wildcards name."""
+    for name, value in wildcards.items():
+        if name in SAVE_BY:
+            return SAVE_BY[name][value]
+    raise WorkflowError(f"ucpflow: no save named in {dict(wildcards.items())}.")
+
+
+def derived_of(save):
+    return f"{WORK}/{save.derived}"
+
+
+def index_of(save):
+    """The paths of a save's index files (tables.IndexFiles)."""
+    return index_files(f"{derived_of(save)}/index")
+
+
+def index_inputs(wildcards):
+    """The job's save's index files as named inputs (with unpack)."""
+    return index_of(save_of(wildcards))._asdict()
+
+
+def index_input(name):
+    """One index file of the job's save as an input function."""
+    return lambda wildcards: getattr(index_of(save_of(wildcards)), name)
 
 
 _INDEX_CACHE = {}
@@ -109,28 +150,29 @@ def _read_buckets(path):
     return {row.param: row.bucket for row in read_parameters(path)}
 
 
-_INDEX_OUTPUT = []
+_INDEX_DONE = set()
 
 
-def index_output():
-    """The outputs of the `index` checkpoint; raises until that job has run.
+def index_output(save):
+    """The outputs of `save`'s `index` checkpoint; raises until that job has run.
 
     `checkpoints.index.get()` expands the rule's outputs on every call, and input functions call it
-    thousands of times; once it has succeeded it keeps succeeding, so it is asked only until then.
+    thousands of times; once it has succeeded for a save it keeps succeeding, so it is asked only until then.
     """
-    if not _INDEX_OUTPUT:
-        _INDEX_OUTPUT.append(checkpoints.index.get().output)
-    return _INDEX_OUTPUT[0]
+    if save.derived not in _INDEX_DONE:
+        checkpoints.index.get(derived=save.derived)
+        _INDEX_DONE.add(save.derived)
+    return index_of(save)
 
 
-def indexed_layout():
-    """The index record (tables.IndexRecord) written by the `index` checkpoint."""
-    return _read_index_file(index_output().layout, read_index_record)
+def indexed_layout(save):
+    """The index record (tables.IndexRecord) written by the save's `index` checkpoint."""
+    return _read_index_file(index_output(save).layout, read_index_record)
 
 
-def bucket_of_parameter():
-    """{parameter: merge bucket} from the index."""
-    return _read_index_file(index_output().params, _read_buckets)
+def bucket_of_parameter(save):
+    """{parameter: merge bucket} from the save's index."""
+    return _read_index_file(index_output(save).params, _read_buckets)
 
 
 def checkpoint_input(wildcards):
@@ -142,18 +184,29 @@ def checkpoint_input(wildcards):
         raise WorkflowError(f"ucpflow error: {SETTINGS.unconvertible}")
     if SETTINGS.builds_demo:
         return rules.demo_checkpoint.output.latest
-    return ancient(SETTINGS.input_folder)
+    return ancient(save_of(wildcards).input_folder)
+
+
+def refuse_unconvertible(wildcards):
+    """What a target needs before any save: nothing, unless the input names no save to convert."""
+    if SETTINGS.unconvertible:
+        raise WorkflowError(f"ucpflow error: {SETTINGS.unconvertible}")
+    return []
 
 
 def inspect_input(wildcards):
     """A run folder's inspect reads the folder itself; a single checkpoint's is the conversion's input."""
     if SETTINGS.run_folder:
         return ancient(SETTINGS.input_folder)
-    return checkpoint_input(wildcards)
+    if SETTINGS.unconvertible:
+        raise WorkflowError(f"ucpflow error: {SETTINGS.unconvertible}")
+    if SETTINGS.builds_demo:
+        return rules.demo_checkpoint.output.latest
+    return ancient(SETTINGS.input_folder)
 
 
 def extraction_source(wildcards):
-    sources = indexed_layout().sources
+    sources = indexed_layout(save_of(wildcards)).sources
     if wildcards.source not in sources:
         raise WorkflowError(
             f"{wildcards.source} is not a file of the indexed checkpoint."
@@ -161,17 +214,20 @@ def extraction_source(wildcards):
     return sources[wildcards.source]
 
 
-def _maps_of_bucket(bucket):
-    names = indexed_layout().bucket_sources[bucket]
-    return [f"{DERIVED}/extract/{name}.tsv" for name in names]
+def extraction_maps(save, names):
+    return [f"{derived_of(save)}/extract/{name}.tsv" for name in names]
+
+
+def _maps_of_bucket(save, bucket):
+    return extraction_maps(save, indexed_layout(save).bucket_sources[bucket])
 
 
 def bucket_maps(wildcards):
-    return _maps_of_bucket(wildcards.bucket)
+    return _maps_of_bucket(save_of(wildcards), wildcards.bucket)
 
 
 def parameter_bucket(wildcards):
-    bucket = bucket_of_parameter().get(wildcards.param)
+    bucket = bucket_of_parameter(save_of(wildcards)).get(wildcards.param)
     if bucket is None:
         raise WorkflowError(
             f"{wildcards.param} is not a parameter of the indexed checkpoint."
@@ -180,52 +236,102 @@ def parameter_bucket(wildcards):
 
 
 def universal_folder(wildcards):
-    """The universal checkpoint's folder, for a job that writes into a folder inside it."""
-    return OUT
+    """The universal checkpoint's folder of the job's save."""
+    return save_of(wildcards).universal
 
 
 def staged_bucket(wildcards):
-    return f"{OUT}/{STAGING}/{parameter_bucket(wildcards)}"
+    return f"{universal_folder(wildcards)}/{STAGING}/{parameter_bucket(wildcards)}"
 
 
 def parameter_maps(wildcards):
-    return _maps_of_bucket(parameter_bucket(wildcards))
+    return _maps_of_bucket(save_of(wildcards), parameter_bucket(wildcards))
 
 
 def repair_request(wildcards):
     """A parameter folder that lost a file since it was published (fp32.pt is the declared target, the
     other states are written beside it) asks for a new, never-seen request file, which reruns its publish.
     """
+    save = save_of(wildcards)
     stamp = incomplete_parameter_stamp(
-        f"{OUT}/{ZERO}/{wildcards.param}", _parameter_files()[wildcards.param]
+        f"{save.universal}/{ZERO}/{wildcards.param}",
+        _parameter_files(save)[wildcards.param],
     )
-    return [f"{DERIVED}/repair/{wildcards.param}.{stamp}"] if stamp else []
+    return [f"{derived_of(save)}/repair/{wildcards.param}.{stamp}"] if stamp else []
 
 
 def _read_parameter_files(path):
     return {row.param: row.files for row in read_parameters(path)}
 
 
-def _parameter_files():
-    return _read_index_file(index_output().params, _read_parameter_files)
+def _parameter_files(save):
+    return _read_index_file(index_output(save).params, _read_parameter_files)
 
 
 def optimizer_state_file(wildcards):
-    return indexed_layout().optimizer_state_source
+    return indexed_layout(save_of(wildcards)).optimizer_state_source
 
 
 def model_state_source(wildcards):
-    copied = indexed_layout().layout.copy_files
+    copied = indexed_layout(save_of(wildcards)).layout.copy_files
     return {os.path.basename(path): path for path in copied}[wildcards.model_file]
 
 
-def universal_outputs(wildcards):
-    copied = indexed_layout().layout.copy_files
+def universal_files(save):
+    """Every file of the save's universal checkpoint that finalize checks for."""
+    copied = indexed_layout(save).layout.copy_files
     return (
-        [f"{OUT}/{ZERO}/{param}/{FP32_FILE}" for param in bucket_of_parameter()]
-        + [rules.optimizer_state.output[0]]
-        + [f"{OUT}/{os.path.basename(path)}" for path in copied]
+        [
+            f"{save.universal}/{ZERO}/{param}/{FP32_FILE}"
+            for param in bucket_of_parameter(save)
+        ]
+        + [f"{save.universal}/{ZERO}/{OPTIMIZER_STATE_FILE}"]
+        + [f"{save.universal}/{os.path.basename(path)}" for path in copied]
     )
+
+
+def universal_outputs(wildcards):
+    return universal_files(save_of(wildcards))
+
+
+def indexed_universal_files(wildcards):
+    """Every file of the universal checkpoints of the saves already indexed, for the targets: a file deleted
+    since is converted again (finalize, whose summary is up to date, would not ask for it). A save not yet
+    indexed is left to its finalize, so that one index holds back no other save."""
+    files = []
+    for save in SAVES:
+        if os.path.exists(index_of(save).layout):
+            files += universal_files(save)
+    return files
+
+
+def verified_saves(wildcards):
+    """What the verify job checks, save by save: index files, extraction maps, universal folder, and the
+    latest_universal file for the save it names (None for a run's older saves)."""
+    return [
+        dict(
+            tag=save.tag,
+            index=index_output(save)._asdict(),
+            maps=extraction_maps(save, indexed_layout(save).sources),
+            output_folder=save.universal,
+            latest=LATEST_UNIVERSAL_FILE if save == SAVES[-1] else None,
+        )
+        for save in SAVES
+    ]
+
+
+def finished_conversions(wildcards):
+    """Every save's finalize summary and latest_universal: known before any index, so that every save's
+    conversion starts at once."""
+    summaries = [f"{derived_of(save)}/summary.json" for save in SAVES]
+    return summaries + ([LATEST_UNIVERSAL_FILE] if SAVES else [])
+
+
+def verify_inputs(wildcards):
+    files = []
+    for save in verified_saves(wildcards):
+        files += list(save["index"].values()) + save["maps"]
+    return files
 
 
 def _read_bucket_sizes(path):
@@ -237,33 +343,64 @@ def _read_bucket_sizes(path):
     return sizes
 
 
+def bucket_sizes(wildcards):
+    """{bucket: {"bytes", "largest"}} of the job's save, from its index."""
+    params = index_output(save_of(wildcards)).params
+    return _read_index_file(params, _read_bucket_sizes)
+
+
 def merge_mem_mb(wildcards):
     """A merge holds one parameter at a time: its fragments, the merged tensor and the write buffer."""
-    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
-    return job_memory_mb(4 * sizes[wildcards.bucket]["largest"])
+    return job_memory_mb(4 * bucket_sizes(wildcards)[wildcards.bucket]["largest"])
 
 
 def merge_runtime(wildcards):
     """Minutes for a bucket at a pessimistic 50 MB/s of universal output, plus start-up."""
-    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
-    return job_runtime_minutes(sizes[wildcards.bucket]["bytes"])
+    return job_runtime_minutes(bucket_sizes(wildcards)[wildcards.bucket]["bytes"])
 
 
 def all_extraction_maps(wildcards):
-    return [f"{DERIVED}/extract/{name}.tsv" for name in indexed_layout().sources]
+    save = save_of(wildcards)
+    return extraction_maps(save, indexed_layout(save).sources)
+
+
+def _all_bucket_sizes():
+    sizes = []
+    for save in SAVES:
+        params = index_output(save).params
+        sizes += _read_index_file(params, _read_bucket_sizes).values()
+    return sizes
 
 
 def verify_mem_mb(wildcards, threads):
     """Each of the verify job's processes holds one parameter's source slices at a time, as a merge does."""
-    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
-    largest = max(size["largest"] for size in sizes.values())
+    largest = max((size["largest"] for size in _all_bucket_sizes()), default=0)
     return BASE_MEMORY_MB + threads * math.ceil(4 * largest / 2**20)
 
 
 def verify_runtime(wildcards):
-    """Minutes to read the source fragments and the universal files once each, at a pessimistic 50 MB/s."""
-    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
-    return job_runtime_minutes(2 * sum(size["bytes"] for size in sizes.values()))
+    """Minutes to read every save's source fragments and universal files once each, at a pessimistic 50 MB/s."""
+    return job_runtime_minutes(2 * sum(size["bytes"] for size in _all_bucket_sizes()))
+
+
+def inspected_output_folders():
+    """The output folders the `inspect` of a run folder reports on (ucpflow.runs.OutputFolders): the roots of
+    every save's folders when `tags` chooses saves, else the config's keys."""
+    if SETTINGS.many:
+        return dict(
+            output_folder=SETTINGS.output_folder,
+            hf_folder=SETTINGS.hf_folder,
+            megatron_folder=SETTINGS.megatron_folder,
+            reshard_folder=SETTINGS.reshard_folder,
+            per_save=True,
+        )
+    return dict(
+        output_folder=config["output_folder"],
+        hf_folder=config["hf_folder"],
+        megatron_folder=config["megatron_folder"],
+        reshard_folder=config["reshard_folder"],
+        converted_save="" if SETTINGS.unconvertible else SETTINGS.tag_folder,
+    )
 
 
 def inspection_outputs(folder, category):
@@ -313,15 +450,16 @@ def staging_folder(path):
 def publish_job(wildcards, input, log_path):
     """What a publish job does, in Snakemake's process (a fresh process per parameter would cost more
     than its work)."""
+    save = save_of(wildcards)
     run_in_process(
         log_path,
         publish,
         wildcards.param,
         input.staged,
-        OUT,
-        _parameter_files()[wildcards.param],
+        save.universal,
+        _parameter_files(save)[wildcards.param],
         parameter_bucket(wildcards),
-        named_index_files(rules.index.output),
+        index_of(save),
         parameter_maps(wildcards),
     )
 
@@ -335,14 +473,15 @@ def print_conversion_summary():
     """The last line of each target that finished its output in this run: what, where, what next."""
     seconds = time.time() - STARTED
     lines = []
-    if _written_in_this_run(rules.finalize.output.summary):
-        summary = json.loads(Path(rules.finalize.output.summary).read_text())
-        lines.append(summary_line(summary, seconds))
-    if _written_in_this_run(rules.export_megatron_finalize.output[0]):
-        tp, pp = config["target_tp"], config["target_pp"]
-        lines.append(megatron_summary_line(MEGATRON_FOLDER, tp, pp, seconds))
-    if _written_in_this_run(rules.export_hf_finalize.output.config):
-        lines.append(hf_summary_line(HF_FOLDER, seconds))
+    for save in SAVES:
+        summary = f"{derived_of(save)}/summary.json"
+        if _written_in_this_run(summary):
+            lines.append(summary_line(json.loads(Path(summary).read_text()), seconds))
+        if _written_in_this_run(f"{save.megatron}/{MEGATRON_TRACKER}"):
+            tp, pp = config["target_tp"], config["target_pp"]
+            lines.append(megatron_summary_line(save.megatron, tp, pp, seconds))
+        if _written_in_this_run(f"{save.hf}/config.json"):
+            lines.append(hf_summary_line(save.hf, seconds))
     for line in lines:
         print(line, file=sys.stderr)
 

@@ -9,18 +9,18 @@ include: "export_common.smk"
 checkpoint export_megatron_plan:
     """Decide every rank file's tensors and splits; check the target degrees against the model."""
     input:
-        params=rules.index.output.params,
+        params=index_input("params"),
         universal=universal_outputs,
         model_state=universal_model_state,
     output:
         f"{EXPORT}/megatron_plan.json",
     log:
-        f"{LOGS}/export/megatron_plan.log",
+        f"{LOGS}/{{derived}}/export/megatron_plan.log",
     conda:
         "../envs/ucpflow.yaml"
     params:
-        universal_folder=OUT,
-        megatron_folder=MEGATRON_FOLDER,
+        universal_folder=universal_folder,
+        megatron_folder=lambda wildcards: save_of(wildcards).megatron,
         target_tp=config["target_tp"],
         target_pp=config["target_pp"],
         qkv_layout=config["megatron_qkv_layout"],
@@ -31,12 +31,12 @@ checkpoint export_megatron_plan:
 rule export_megatron_shard:
     """Write one (tp, pp) rank's model_optim_rng.pt from the universal fp32 weights."""
     input:
-        plan=rules.export_megatron_plan.output[0],
+        plan=plan_input("megatron_plan.json"),
         weights=megatron_shard_weights,
     output:
         f"{MEGATRON_FOLDER}/iter_{{iteration}}/{{rank}}/model_optim_rng.pt",
     log:
-        f"{LOGS}/export/megatron/iter_{{iteration}}/{{rank}}.log",
+        f"{LOGS}/megatron/{{megatron}}/iter_{{iteration}}/{{rank}}.log",
     wildcard_constraints:
         iteration=r"\d{7}",
         rank=r"mp_rank_\d{2}(_\d{3})?",
@@ -49,12 +49,12 @@ rule export_megatron_shard:
 rule export_megatron_finalize:
     """Write latest_checkpointed_iteration.txt last: Megatron then finds a complete checkpoint."""
     input:
-        plan=rules.export_megatron_plan.output[0],
+        plan=plan_input("megatron_plan.json"),
         shards=megatron_shards,
     output:
         f"{MEGATRON_FOLDER}/latest_checkpointed_iteration.txt",
     log:
-        f"{LOGS}/export/megatron_finalize.log",
+        f"{LOGS}/megatron/{{megatron}}/finalize.log",
     conda:
         "../envs/ucpflow.yaml"
     script:
@@ -64,7 +64,8 @@ rule export_megatron_finalize:
 rule megatron:
     """Target: a Megatron-LM checkpoint at target_tp x target_pp in megatron_folder."""
     input:
-        rules.export_megatron_finalize.output[0],
+        refuse_unconvertible,
+        [f"{save.megatron}/{MEGATRON_TRACKER}" for save in SAVES],
     localrule: True
 
 
@@ -74,17 +75,17 @@ checkpoint export_hf_plan:
     the extractions; a Megatron GPT/Llama model's reads the universal output."""
     input:
         unpack(hf_plan_sources),
-        layout=rules.index.output.layout,
-        params=rules.index.output.params,
+        layout=index_input("layout"),
+        params=index_input("params"),
     output:
         f"{EXPORT}/hf_plan.json",
     log:
-        f"{LOGS}/export/hf_plan.log",
+        f"{LOGS}/{{derived}}/export/hf_plan.log",
     conda:
         "../envs/ucpflow.yaml"
     params:
-        universal_folder=OUT,
-        hf_folder=HF_FOLDER,
+        universal_folder=universal_folder,
+        hf_folder=lambda wildcards: save_of(wildcards).hf,
         max_shard_size=config["hf_max_shard_size"],
         hf_dtype=config["hf_dtype"],
         exclude_frozen=config["hf_exclude_frozen"],
@@ -99,11 +100,11 @@ rule export_hf_shard:
     """
     input:
         unpack(hf_shard_sources),
-        plan=rules.export_hf_plan.output[0],
+        plan=plan_input("hf_plan.json"),
     output:
         f"{HF_FOLDER}/{{stem}}.safetensors",
     log:
-        f"{LOGS}/export/hf/{{stem}}.log",
+        f"{LOGS}/hf/{{hf}}/{{stem}}.log",
     wildcard_constraints:
         stem=r"model(-\d{5}-of-\d{5})?",
     conda:
@@ -118,11 +119,11 @@ rule export_hf_shard:
 rule export_hf_index:
     """model.safetensors.index.json, when the weights take more than one file."""
     input:
-        plan=rules.export_hf_plan.output[0],
+        plan=plan_input("hf_plan.json"),
     output:
         f"{HF_FOLDER}/model.safetensors.index.json",
     log:
-        f"{LOGS}/export/hf_index.log",
+        f"{LOGS}/hf/{{hf}}/index.log",
     conda:
         "../envs/ucpflow.yaml"
     script:
@@ -132,13 +133,13 @@ rule export_hf_index:
 rule export_hf_finalize:
     """Write generation_config.json and, last, config.json: transformers then finds a complete model."""
     input:
-        plan=rules.export_hf_plan.output[0],
+        plan=plan_input("hf_plan.json"),
         files=hf_files,
     output:
         generation_config=f"{HF_FOLDER}/generation_config.json",
         config=f"{HF_FOLDER}/config.json",
     log:
-        f"{LOGS}/export/hf_finalize.log",
+        f"{LOGS}/hf/{{hf}}/finalize.log",
     conda:
         "../envs/ucpflow.yaml"
     script:
@@ -148,7 +149,5 @@ rule export_hf_finalize:
 rule hf:
     """Target: a transformers model folder (what save_pretrained writes) in hf_folder."""
     input:
-        rules.export_hf_finalize.output.config,
-        # Known from the index alone: the extractions of a transformers model then run beside its plan.
-        hf_rank_maps,
+        hf_targets,
     localrule: True

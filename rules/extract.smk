@@ -1,14 +1,14 @@
 rule extract:
     """Map where each flat tensor of one rank (or model-states) file lies, for in-place reads (stages/extract.py)."""
     input:
-        layout=rules.index.output.layout,
+        layout=index_input("layout"),
         source=lambda wildcards: extraction_source(wildcards).path,
     output:
         f"{DERIVED}/extract/{{source}}.tsv",
     log:
-        f"{LOGS}/extract/{{source}}.log",
+        f"{LOGS}/{{derived}}/extract/{{source}}.log",
     benchmark:
-        f"{BENCHMARKS}/extract/{{source}}.tsv"
+        f"{BENCHMARKS}/{{derived}}/extract/{{source}}.tsv"
     wildcard_constraints:
         source=r"[^/]+",
     retries: config["retries"]

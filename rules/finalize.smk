@@ -1,15 +1,15 @@
 rule optimizer_state:
     """zero/optimizer_state.pt: the first rank's optimizer state without its sharded tensors."""
     input:
-        layout=rules.index.output.layout,
+        layout=index_input("layout"),
         # The rank file it is read from: a changed rank file writes it again.
         source=optimizer_state_file,
     output:
         f"{OUT}/{ZERO}/{OPTIMIZER_STATE_FILE}",
     log:
-        f"{LOGS}/optimizer_state.log",
+        f"{LOGS}/{{universal}}/optimizer_state.log",
     benchmark:
-        f"{BENCHMARKS}/optimizer_state.tsv"
+        f"{BENCHMARKS}/{{universal}}/optimizer_state.tsv"
     conda:
         "../envs/ucpflow.yaml"
     script:
@@ -19,14 +19,14 @@ rule optimizer_state:
 rule copy_model_state:
     """Copy one model-states file into the universal checkpoint, as DeepSpeed does."""
     input:
-        layout=rules.index.output.layout,
+        layout=index_input("layout"),
         source=model_state_source,
     output:
         f"{OUT}/{{model_file}}",
     log:
-        f"{LOGS}/copy/{{model_file}}.log",
+        f"{LOGS}/{{universal}}/copy/{{model_file}}.log",
     benchmark:
-        f"{BENCHMARKS}/copy/{{model_file}}.tsv"
+        f"{BENCHMARKS}/{{universal}}/copy/{{model_file}}.tsv"
     wildcard_constraints:
         model_file=rf"[^/]+_{re.escape(MODEL_STATES_SUFFIX)}",
     conda:
@@ -38,23 +38,37 @@ rule copy_model_state:
 
 
 rule finalize:
-    """Check the output against the index (removing what an earlier input left), then write
-    latest_universal last: its presence means the universal checkpoint is complete."""
+    """Check the save's universal checkpoint against its index (removing what an earlier input left), then
+    write its summary last: its presence means that universal checkpoint is complete."""
     input:
         universal=universal_outputs,
-        layout=rules.index.output.layout,
-        params=rules.index.output.params,
+        layout=index_input("layout"),
+        params=index_input("params"),
     output:
-        latest=SETTINGS.latest_universal,
         summary=f"{DERIVED}/summary.json",
     log:
-        f"{LOGS}/finalize.log",
+        f"{LOGS}/{{derived}}/finalize.log",
     benchmark:
-        f"{BENCHMARKS}/finalize.tsv"
+        f"{BENCHMARKS}/{{derived}}/finalize.tsv"
     conda:
         "../envs/ucpflow.yaml"
     params:
-        output_folder=OUT,
+        output_folder=universal_folder,
         keep_temp_folder=config["keep_temp_folder"],
     script:
         "../scripts/finalize.py"
+
+
+rule latest_universal:
+    """Write latest_universal last, naming the newest save's universal checkpoint once it is complete
+    (DeepSpeed's load_universal reads it)."""
+    input:
+        [f"{derived_of(save)}/summary.json" for save in SAVES[-1:]],
+    output:
+        LATEST_UNIVERSAL_FILE,
+    log:
+        f"{LOGS}/latest_universal.log",
+    localrule: True
+    threads: 0
+    run:
+        run_in_process(log[0], write_latest_universal, output[0], SAVES[-1].universal)

@@ -5,14 +5,14 @@ checkpoint index:
     output:
         **index_files(INDEX)._asdict(),
     log:
-        f"{LOGS}/index.log",
+        f"{LOGS}/{{derived}}/index.log",
     benchmark:
-        f"{BENCHMARKS}/index.tsv"
+        f"{BENCHMARKS}/{{derived}}/index.tsv"
     conda:
         "../envs/ucpflow.yaml"
     params:
-        input_folder=SETTINGS.input_folder,
-        output_folder=OUT,
+        input_folder=lambda wildcards: save_of(wildcards).input_folder,
+        output_folder=universal_folder,
         strict=config["strict"],
         inject_missing_state=config["inject_missing_state"],
         hf_config=config["hf_config"],

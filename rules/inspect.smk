@@ -21,13 +21,7 @@ rule inspect:
         run_folder=SETTINGS.run_folder,
         # A run folder changes while training saves into it: its saves are listed anew on every run.
         listed_at=STARTED if SETTINGS.run_folder else 0,
-        output_folders=dict(
-            output_folder=config["output_folder"],
-            hf_folder=config["hf_folder"],
-            megatron_folder=config["megatron_folder"],
-            reshard_folder=config["reshard_folder"],
-            converted_save="" if SETTINGS.unconvertible else SETTINGS.tag_folder,
-        ),
+        output_folders=inspected_output_folders(),
     script:
         "../scripts/inspect.py"
 
@@ -37,16 +31,13 @@ rule report_tables:
     `snakemake --report` (a job of its own: a checkpoint rule's outputs must all be requested).
     """
     input:
-        layout=rules.index.output.layout,
-        fragments=rules.index.output.fragments,
-        params=rules.index.output.params,
-        info=rules.index.output.info,
+        unpack(index_inputs),
     output:
         **inspection_outputs(f"{DERIVED}/report", category="Conversion"),
     log:
-        f"{LOGS}/report_tables.log",
+        f"{LOGS}/{{derived}}/report_tables.log",
     benchmark:
-        f"{BENCHMARKS}/report_tables.tsv"
+        f"{BENCHMARKS}/{{derived}}/report_tables.tsv"
     localrule: True
     conda:
         "../envs/ucpflow.yaml"

@@ -1,15 +1,15 @@
 rule merge:
     """Merge one bucket of parameters into its staging folder OUT/tmp/<bucket>/<param>/ (stages/merge.py)."""
     input:
-        **rules.index.output,
+        unpack(index_inputs),
         maps=bucket_maps,
     output:
         # Removed once all its parameters are published (kept with keep_temp_folder, as ds_to_universal).
         staged=staging_folder(f"{OUT}/{STAGING}/{{bucket}}"),
     log:
-        f"{LOGS}/merge/{{bucket}}.log",
+        f"{LOGS}/{{universal}}/merge/{{bucket}}.log",
     benchmark:
-        f"{BENCHMARKS}/merge/{{bucket}}.tsv"
+        f"{BENCHMARKS}/{{universal}}/merge/{{bucket}}.tsv"
     wildcard_constraints:
         bucket=r"b\d+",
     retries: config["retries"]

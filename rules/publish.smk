@@ -3,7 +3,7 @@ rule repair_request:
     output:
         f"{DERIVED}/repair/{{param}}.{{stamp}}",
     log:
-        f"{LOGS}/repair/{{param}}.{{stamp}}.log",
+        f"{LOGS}/{{derived}}/repair/{{param}}.{{stamp}}.log",
     wildcard_constraints:
         stamp=r"\d+",
     localrule: True
@@ -25,7 +25,7 @@ rule publish:
     output:
         f"{OUT}/{ZERO}/{{param}}/{FP32_FILE}",
     log:
-        f"{LOGS}/publish/{{param}}.log",
+        f"{LOGS}/{{universal}}/publish/{{param}}.log",
     wildcard_constraints:
         param=r"[^/]+",
     localrule: True

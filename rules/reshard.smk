@@ -10,19 +10,19 @@ include: "reshard_common.smk"
 checkpoint reshard_plan:
     """Decide the target's degree, stage and precision and its files; refuse TP/PP/EP sources."""
     input:
-        layout=rules.index.output.layout,
-        params=rules.index.output.params,
+        layout=index_input("layout"),
+        params=index_input("params"),
         model_states=reshard_model_states,
     output:
         f"{RESHARD_WORK}/plan.json",
     log:
-        f"{LOGS}/reshard/plan.log",
+        f"{LOGS}/{{derived}}/reshard/plan.log",
     benchmark:
-        f"{BENCHMARKS}/reshard/plan.tsv"
+        f"{BENCHMARKS}/{{derived}}/reshard/plan.tsv"
     conda:
         "../envs/ucpflow.yaml"
     params:
-        reshard_folder=RESHARD_FOLDER,
+        reshard_folder=lambda wildcards: save_of(wildcards).reshard,
         target_dp=config["target_dp"],
         target_zero_stage=config["target_zero_stage"],
         target_dtype=config["target_dtype"],
@@ -34,16 +34,16 @@ checkpoint reshard_plan:
 rule reshard_rank_file:
     """Write one model- or optimizer-states file of the target tag folder from the source's rank files."""
     input:
-        **rules.index.output,
-        plan=rules.reshard_plan.output[0],
+        unpack(index_inputs),
+        plan=reshard_plan_input,
         maps=reshard_maps,
         model_states=reshard_model_states,
     output:
         f"{RESHARD_FOLDER}/{{tag}}/{{name}}_states.pt",
     log:
-        f"{LOGS}/reshard/{{tag}}/{{name}}.log",
+        f"{LOGS}/reshard/{{reshard}}/{{tag}}/{{name}}.log",
     benchmark:
-        f"{BENCHMARKS}/reshard/{{tag}}/{{name}}.tsv"
+        f"{BENCHMARKS}/reshard/{{reshard}}/{{tag}}/{{name}}.tsv"
     wildcard_constraints:
         tag=r"[^/]+",
         name=r"[^/]+_(model|optim)",
@@ -68,15 +68,15 @@ rule reshard_rank_file:
 rule reshard_carry:
     """Copy the HF Trainer's files beside the tag folder (pickles only with allowed globals)."""
     input:
-        plan=rules.reshard_plan.output[0],
+        plan=reshard_plan_input,
     output:
         f"{RESHARD_WORK}/carried.json",
     log:
-        f"{LOGS}/reshard/carry.log",
+        f"{LOGS}/{{derived}}/reshard/carry.log",
     conda:
         "../envs/ucpflow.yaml"
     params:
-        reshard_folder=RESHARD_FOLDER,
+        reshard_folder=lambda wildcards: save_of(wildcards).reshard,
     script:
         "../scripts/reshard_carry.py"
 
@@ -86,7 +86,7 @@ rule reshard_repair_request:
     output:
         f"{RESHARD_WORK}/repair/{{stamp}}",
     log:
-        f"{LOGS}/reshard/repair/{{stamp}}.log",
+        f"{LOGS}/{{derived}}/reshard/repair/{{stamp}}.log",
     wildcard_constraints:
         stamp=r"\d+",
     localrule: True
@@ -98,14 +98,14 @@ rule reshard_repair_request:
 rule reshard_finalize:
     """Remove files of an earlier plan, add DeepSpeed's recovery scripts, then write `latest` last."""
     input:
-        plan=rules.reshard_plan.output[0],
+        plan=reshard_plan_input,
         files=reshard_files,
-        carried=rules.reshard_carry.output[0],
+        carried=lambda wildcards: f"{derived_of(save_of(wildcards))}/reshard/carried.json",
         repair=reshard_repair_request,
     output:
         f"{RESHARD_FOLDER}/latest",
     log:
-        f"{LOGS}/reshard/finalize.log",
+        f"{LOGS}/reshard/{{reshard}}/finalize.log",
     conda:
         "../envs/ucpflow.yaml"
     params:
@@ -117,25 +117,34 @@ rule reshard_finalize:
 rule reshard:
     """Target: a native DeepSpeed checkpoint for target_dp ranks at target_zero_stage in reshard_folder (latest last)."""
     input:
-        rules.reshard_finalize.output[0],
+        refuse_unconvertible,
+        [f"{save.reshard}/latest" for save in SAVES],
     localrule: True
 
 
-rule inspect_reshard:
-    """Target: what `reshard` would write for target_dp and target_zero_stage: files and tensor bytes per rank."""
+rule reshard_inspect:
+    """What `reshard` would write for one save: files and tensor bytes per rank."""
     input:
         checkpoint_input,
     output:
-        f"{INSPECT}/reshard.md",
+        f"{INSPECT}/{{inspect_reshard}}.md",
     log:
-        f"{LOGS}/inspect_reshard.log",
+        f"{LOGS}/inspect/{{inspect_reshard}}.log",
     conda:
         "../envs/ucpflow.yaml"
     params:
-        input_folder=SETTINGS.input_folder,
+        input_folder=lambda wildcards: save_of(wildcards).input_folder,
         target_dp=config["target_dp"],
         target_zero_stage=config["target_zero_stage"],
         target_dtype=config["target_dtype"],
         sub_group_size=config["reshard_sub_group_size"],
     script:
         "../scripts/reshard_inspect.py"
+
+
+rule inspect_reshard:
+    """Target: what `reshard` would write for target_dp and target_zero_stage: files and tensor bytes per rank."""
+    input:
+        refuse_unconvertible,
+        [f"{INSPECT}/{save.inspect_reshard}.md" for save in SAVES],
+    localrule: True

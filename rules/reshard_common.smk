@@ -1,47 +1,51 @@
 # Paths, checks and input functions of the reshard rules (rules/reshard.smk).
 
-RESHARD_FOLDER = SETTINGS.reshard_folder
+RESHARD_FOLDER = os.path.join(SELECTION.root("reshard"), "{reshard}")
 RESHARD_WORK = f"{DERIVED}/reshard"
 
 
-def reshard_plan():
-    return _read_index_file(checkpoints.reshard_plan.get().output[0], _read_json)
+def reshard_plan(save):
+    plan = checkpoints.reshard_plan.get(derived=save.derived).output[0]
+    return _read_index_file(plan, _read_json)
+
+
+def reshard_plan_input(wildcards):
+    return f"{derived_of(save_of(wildcards))}/reshard/plan.json"
 
 
 def reshard_model_states(wildcards):
-    return indexed_layout().layout.model_files
+    return indexed_layout(save_of(wildcards)).layout.model_files
 
 
 def reshard_maps(wildcards):
     """The extraction maps of the source's rank files, through which rank-file jobs read them."""
-    sources = indexed_layout().sources
-    return [
-        f"{DERIVED}/extract/{name}.tsv"
-        for name, source in sources.items()
-        if source.kind != KIND_MODEL
-    ]
+    save = save_of(wildcards)
+    sources = indexed_layout(save).sources
+    ranks = [name for name, source in sources.items() if source.kind != KIND_MODEL]
+    return extraction_maps(save, ranks)
 
 
 def reshard_files(wildcards):
-    plan = reshard_plan()
+    save = save_of(wildcards)
+    plan = reshard_plan(save)
     names = list(plan["model_files"]) + list(plan["optim_files"])
-    return [f"{RESHARD_FOLDER}/{plan['tag']}/{name}" for name in names]
+    return [f"{save.reshard}/{plan['tag']}/{name}" for name in names]
 
 
 def reshard_repair_request(wildcards):
     """A reshard folder whose `latest` exists but that lost a planned file asks for a new, never-seen request
     file, so that its finalize reruns and the lost file is written again (Snakemake reruns no job for a
     missing file whose consumers are up to date)."""
-    latest = f"{RESHARD_FOLDER}/latest"
+    save = save_of(wildcards)
+    latest = f"{save.reshard}/latest"
     if not os.path.exists(latest):
         return []
     if all(os.path.exists(path) for path in reshard_files(wildcards)):
         return []
-    return [f"{RESHARD_WORK}/repair/{os.stat(latest).st_mtime_ns}"]
+    return [f"{derived_of(save)}/reshard/repair/{os.stat(latest).st_mtime_ns}"]
 
 
 def reshard_runtime(wildcards):
     """Minutes for one rank's file: its share of the parameters' states at a pessimistic 50 MB/s, plus start-up."""
-    sizes = _read_index_file(index_output().params, _read_bucket_sizes)
-    total = sum(size["bytes"] for size in sizes.values())
-    return job_runtime_minutes(total / reshard_plan()["target"]["dp"])
+    total = sum(size["bytes"] for size in bucket_sizes(wildcards).values())
+    return job_runtime_minutes(total / reshard_plan(save_of(wildcards))["target"]["dp"])

@@ -1,15 +1,16 @@
 # No torch or DeepSpeed needed; fails naming the first parameters whose files do not match.
 rule verify:
-    """Target: check the universal checkpoint against the source fragments; `snakemake -f verify` checks again."""
+    """Target: check each universal checkpoint against its source fragments; `snakemake -f verify` checks again."""
     input:
-        **rules.index.output,
-        maps=all_extraction_maps,
-        # Verify a finished conversion; a later conversion writes it again and so reruns this check.
-        latest=SETTINGS.latest_universal,
+        refuse_unconvertible,
+        # Every save's index, maps and finished conversion (finalize's summary, and latest_universal for the
+        # save it names): a later conversion writes them again and so reruns this check.
+        finished_conversions,
+        verify_inputs,
     output:
-        report=f"{WORK}/verify/report.tsv",
-        partitions=f"{WORK}/verify/partitions.tsv",
-        summary=f"{WORK}/verify/summary.txt",
+        report=[f"{WORK}/{save.verify}/report.tsv" for save in SAVES],
+        partitions=[f"{WORK}/{save.verify}/partitions.tsv" for save in SAVES],
+        summary=[f"{WORK}/{save.verify}/summary.txt" for save in SAVES],
     log:
         f"{LOGS}/verify.log",
     conda:
@@ -20,6 +21,6 @@ rule verify:
         mem_mb=verify_mem_mb,
         runtime=verify_runtime,
     params:
-        output_folder=OUT,
+        saves=verified_saves,
     script:
         "../scripts/verify.py"

@@ -8,7 +8,6 @@ from ucpflow.tables import read_index_record
 def main():
     finalize_job(
         snakemake.params.output_folder,
-        snakemake.output.latest,
         snakemake.input.params,
         read_index_record(snakemake.input.layout).layout.copy_files,
         snakemake.output.summary,

@@ -1,22 +1,27 @@
-"""Rule `verify`: check the universal checkpoint against the source fragments."""
+"""Rule `verify`: check each save's universal checkpoint against its source fragments."""
 
 import sys
 
-from ucpflow.smk import named_index_files, run
+from ucpflow.smk import run
+from ucpflow.tables import IndexFiles
 from ucpflow.verify import verify_job
 
 
 def main():
-    line = verify_job(
-        named_index_files(snakemake.input),
-        list(snakemake.input.maps),
-        snakemake.params.output_folder,
-        snakemake.input.latest,
-        dict(snakemake.output.items()),
-        snakemake.log[0],
-        workers=snakemake.threads,
-    )
-    print(f"ucpflow verify: {line}", file=sys.__stderr__)
+    outputs = snakemake.output
+    for number, save in enumerate(snakemake.params.saves):
+        line = verify_job(
+            IndexFiles(**save["index"]),
+            save["maps"],
+            save["output_folder"],
+            save["latest"],
+            dict(report=outputs.report[number], partitions=outputs.partitions[number],
+                 summary=outputs.summary[number]),
+            snakemake.log[0],
+            workers=snakemake.threads,
+        )
+        prefix = f"{save['tag']}: " if len(snakemake.params.saves) > 1 else ""
+        print(f"ucpflow verify: {prefix}{line}", file=sys.__stderr__)
 
 
 run(snakemake, main)

@@ -19,6 +19,7 @@ from ucpflow.demo.autotp import launch as autotp_launch  # noqa: E402
 from ucpflow.demo.hftrainer import launch as hftrainer_launch  # noqa: E402
 from ucpflow.demo.megatron import launch as megatron_launch  # noqa: E402
 from ucpflow.demo.launch import build_checkpoint  # noqa: E402
+from ucpflow.demo.launcher import run_deepspeed  # noqa: E402
 
 
 def pytest_configure(config):
@@ -83,6 +84,29 @@ def trainer_checkpoint(checkpoint_cache):
     """build(name, model=, zero_stage=, **options) -> tag folder checkpoint-N/global_stepN of a tiny transformers
     model that DeepSpeed trained, saved as the HF Trainer saves it (config.json in checkpoint-N)."""
     return cached_builder(checkpoint_cache, "hftrainer-", hftrainer_launch.build_checkpoint)
+
+
+HF_TRAINER_RUN = Path(__file__).with_name("hf_trainer_run.py")
+TRAINER_FROZEN = "model.embed_tokens.weight"
+
+
+def run_hf_trainer(num_procs, log_path, **options):
+    """tests/hf_trainer_run.py (the real `transformers.Trainer`) on `num_procs` DeepSpeed ranks."""
+    argv = [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    run_deepspeed(HF_TRAINER_RUN, argv + ["--freeze", TRAINER_FROZEN], num_procs=num_procs, log_path=log_path,
+                  timeout=600, what=f"running the HF Trainer ({log_path.stem})")
+
+
+@pytest.fixture(scope="session")
+def real_trainer_run(checkpoint_cache):
+    """The output_dir of a real `transformers.Trainer` run (DeepSpeed ZeRO-3, bf16, 2 ranks, a frozen embedding)
+    saving every step: checkpoint-1, -2 and -3."""
+
+    def build(save_dir, timeout):
+        run_hf_trainer(2, save_dir.with_name(save_dir.name + ".log"), output_dir=save_dir, zero_stage=3, max_steps=3,
+                       save_steps=1)
+
+    return cached_builder(checkpoint_cache, "", build)("real-hf-trainer-z3-run").parent.parent
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Train a tiny transformers llama with the real `transformers.Trainer` and DeepSpeed on CPU ranks:
 
-    python hf_trainer_run.py --output-dir DIR --zero-stage 3 --max-steps 2 --freeze NAME --local_rank=0
+    python hf_trainer_run.py --output-dir DIR --zero-stage 3 --max-steps 3 --save-steps 1 --freeze NAME --local_rank=0
 
-saves DIR/checkpoint-2 as the HF Trainer does (DeepSpeed's global_step2/ and latest, trainer_state.json,
+saves DIR/checkpoint-1, -2 and -3 as the HF Trainer does (DeepSpeed's global_step2/ and latest, trainer_state.json,
 scheduler.pt, rng states, training_args.bin, config.json). With --resume CKPT --dump FILE it calls
 `Trainer.train(resume_from_checkpoint=CKPT)` and, once the Trainer has loaded the checkpoint, dumps every
 state training resumes from (ucpflow.demo.reshard_check.loaded_states), with the losses of the steps it
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--zero-stage", type=int, choices=(1, 2, 3), required=True)
     parser.add_argument("--max-steps", type=int, required=True)
+    parser.add_argument("--save-steps", type=int, help="save every this many steps (default: at the end only)")
     parser.add_argument("--freeze", action="append", default=[])
     parser.add_argument("--resume", type=Path)
     parser.add_argument("--dump", type=Path)
@@ -66,7 +67,7 @@ def main(args) -> None:
     training = transformers.TrainingArguments(
         output_dir=str(args.output_dir), max_steps=args.max_steps, per_device_train_batch_size=GLOBAL_BATCH // world_size,
         learning_rate=1e-2, lr_scheduler_type="linear", bf16=True, use_cpu=True, deepspeed=deepspeed_config,
-        save_strategy="no" if args.resume else "steps", save_steps=args.max_steps, logging_steps=1, report_to=[],
+        save_strategy="no" if args.resume else "steps", save_steps=args.save_steps or args.max_steps, logging_steps=1, report_to=[],
         dataloader_num_workers=0, disable_tqdm=True)
 
     dump = {}

@@ -22,6 +22,7 @@ LAYERS = [
     ["stages"],
     ["verify", "export", "reshard", "runs"],
     ["inspect", "config"],
+    ["targets", "watch"],
 ]
 LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
 

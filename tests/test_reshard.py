@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import test_fp16_layout as fp16_layout
 import torch
-from conftest import cached_builder, convert, copy_tag, snakemake
+from conftest import TRAINER_FROZEN, convert, copy_tag, run_hf_trainer, snakemake
 from universal_compare import compare_objects
 
 from ucpflow import ptfile
 from ucpflow.demo.launch import resume_from_universal
-from ucpflow.demo.launcher import run_deepspeed
 from ucpflow.demo.reshard_check import load_and_dump
 from ucpflow.ptfile import StreamTensor
 from ucpflow.reshard.plan import zero3_slice, zero3_sub_groups, zero12_partition
@@ -267,24 +266,10 @@ def test_hf_trainer_layout_reshards_and_carries_its_side_files(trainer_checkpoin
     assert torch.load(folder / "scheduler.pt", weights_only=True)["last_epoch"] == 2
 
 
-HF_TRAINER_RUN = Path(__file__).with_name("hf_trainer_run.py")
-TRAINER_FROZEN = "model.embed_tokens.weight"
-
-
-def run_hf_trainer(num_procs, log_path, **options):
-    argv = [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
-    run_deepspeed(HF_TRAINER_RUN, argv + ["--freeze", TRAINER_FROZEN], num_procs=num_procs, log_path=log_path,
-                  timeout=600, what=f"running the HF Trainer ({log_path.stem})")
-
-
 @pytest.fixture(scope="module")
-def hf_trainer_checkpoint(checkpoint_cache):
+def hf_trainer_checkpoint(real_trainer_run):
     """checkpoint-2 of a real `transformers.Trainer` run (DeepSpeed ZeRO-3, bf16, 2 ranks, a frozen embedding)."""
-
-    def build(save_dir, timeout):
-        run_hf_trainer(2, save_dir.with_name(save_dir.name + ".log"), output_dir=save_dir, zero_stage=3, max_steps=2)
-
-    return cached_builder(checkpoint_cache, "", build)("real-hf-trainer-z3").parent
+    return real_trainer_run / "checkpoint-2"
 
 
 def test_hf_trainer_resumes_a_reshard_at_another_degree_and_stage(hf_trainer_checkpoint, tmp_path):

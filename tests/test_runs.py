@@ -265,6 +265,7 @@ def test_inspect_of_an_hf_trainer_output_dir(trainer_checkpoint, tmp_path):
     lines = (refused.stdout + refused.stderr).splitlines()
     errors = [line for line in lines if line.startswith("ucpflow error:")]
     assert refused.returncode != 0 and errors == [(
-        f"ucpflow error: Config key `input_folder`: {output_dir} is the HF Trainer's output_dir, whose saves only "
-        f"`inspect` lists; set input_folder to one of its checkpoint-N folders, such as {later}.")]
+        f"ucpflow error: Config key `input_folder`: {output_dir} is the HF Trainer's output_dir, which holds many "
+        f"saves; convert them with --config tags=all (or a list or glob of them), or set input_folder to one of its "
+        f"checkpoint-N folders, such as {later}.")]
     assert not [line for line in lines if "Traceback" in line or "Exception" in line], lines

@@ -98,7 +98,7 @@ def test_every_target_refuses_a_planted_folder_and_nothing_written_runs(megatron
     message = error_line(snakemake(tmp_path / "fresh", config={"input_folder": tag, "output_folder": fresh}))
     assert "6 checkpoint files hold globals outside ucpflow's allowlist" in message and " more;" in message
     assert not fresh.exists()
-    log = next((tmp_path / "fresh").glob("ucpflow-work/*/logs/index.log")).read_text()
+    log = next((tmp_path / "fresh").glob("ucpflow-work/*/logs/*/index.log")).read_text()
     rows = [line.split("\t")[1:] for line in log.splitlines() if line.startswith("untrusted global\t")]
     for name, key_path, kind in PLANTS:  # the setstate trick sits one key deeper, in the Namespace's __dict__
         assert any(row[0] == str(tag / name) and row[1].startswith(".".join(key_path)) and row[2] == PAYLOADS[kind][1]

@@ -14,12 +14,16 @@ from typing import Any
 
 import yaml
 
+from . import dsconst as C
 from .demo import check_demo, checkpoint_tag, demo_checkpoint_folder
 from .errors import CheckpointError, UcpflowError
-from .markers import latest_universal_path, universal_folder_of
+from .tables import LATEST_UNIVERSAL
+from .markers import folder_beside, latest_universal_path, universal_folder_of
 from .source.layout import resolve_tag_folder
-from .source.saves import holders, is_run_folder, is_trainer_output, latest_tag
+from .source.saves import has_rank_files, holders, is_run_folder, is_trainer_output, latest_tag
 
+# `tags` of a single conversion: the save a run folder's `latest` names.
+TAGS_LATEST = "latest"
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
@@ -97,7 +101,7 @@ def forget_vanished_demo(demo_folder: str, derived_folder: str) -> None:
     """The demo's work folder is named by its build settings, so it outlives a deleted demo checkpoint: once
     the demo's `latest` is gone, its index describes files that no longer exist and is removed, so the demo
     is built and indexed again instead of Snakemake trusting the old index."""
-    if not os.path.exists(os.path.join(demo_folder, "latest")):
+    if not os.path.exists(os.path.join(demo_folder, C.LATEST_FILE)):
         shutil.rmtree(os.path.join(derived_folder, "index"), ignore_errors=True)
 
 
@@ -118,8 +122,24 @@ def trainer_output_sentence(input_folder: str) -> str:
     folder that holds a `latest` (a save the HF Trainer finished)."""
     checkpoints = holders(input_folder)
     newest = next((folder for folder in reversed(checkpoints) if latest_tag(folder)), checkpoints[-1])
-    return (f"Config key `input_folder`: {input_folder} is the HF Trainer's output_dir, whose saves only `inspect` "
-            f"lists; set input_folder to one of its checkpoint-N folders, such as {newest}.")
+    return (f"Config key `input_folder`: {input_folder} is the HF Trainer's output_dir, which holds many saves; "
+            f"convert them with --config tags=all (or a list or glob of them), or set input_folder to one of its "
+            f"checkpoint-N folders, such as {newest}.")
+
+
+def selects_saves(config: Mapping[str, Any]) -> bool:
+    """Whether the config converts saves of a run chosen by `tags` / `every` rather than one checkpoint."""
+    tags = config.get("tags", TAGS_LATEST)
+    return tags not in (TAGS_LATEST, [TAGS_LATEST]) or bool(config.get("every"))
+
+
+def refuse_tags_for_checkpoint(input_folder: str, demo: bool) -> None:
+    """`tags` and `every` choose among a run folder's saves: refuse them for a single tag folder or the demo."""
+    if demo or has_rank_files(input_folder):
+        what = "the demo checkpoint" if demo else f"{input_folder}, a tag folder of one save"
+        raise UcpflowError(f"Config keys `tags` and `every` choose saves of a run folder, but input_folder is {what}; "
+                           "set input_folder to the folder that holds the saves (DeepSpeed's save_dir or the HF "
+                           "Trainer's output_dir).")
 
 
 @dataclass(frozen=True)
@@ -141,6 +161,9 @@ class Settings:
     # Why the other targets cannot convert this input (one sentence), "" when they can: a run folder without a
     # `latest` (such as the HF Trainer's output_dir) names no save to convert.
     unconvertible: str = ""
+    # The run's saves are chosen by `tags` / `every` (ucpflow.targets): output_folder, hf_folder, megatron_folder
+    # and reshard_folder are then the roots that hold one folder per save.
+    many: bool = False
 
     @property
     def builds_demo(self) -> bool:
@@ -162,6 +185,8 @@ class Settings:
         check_demo(config["demo"])
         demo_folder = os.path.normpath(demo_checkpoint_folder(config["demo"]))
         input_folder = os.path.normpath(config.get("input_folder") or demo_folder)
+        if selects_saves(config):
+            return cls._of_run(config, input_folder, demo_folder)
         unreadable = None  # the input's own problem, reported after the config's folders are checked
         run_folder, unconvertible = False, ""
         if input_folder == demo_folder:
@@ -192,12 +217,10 @@ class Settings:
             demo_folder=demo_folder,
             latest_universal=latest_universal_path(output),
             tag_folder=tag_folder,
-            hf_folder=os.path.normpath(config.get("hf_folder") or os.path.join(os.path.dirname(output), "hf")),
-            megatron_folder=os.path.normpath(
-                config.get("megatron_folder") or os.path.join(os.path.dirname(output), "megatron")
-            ),
+            hf_folder=os.path.normpath(config.get("hf_folder") or folder_beside(output, "hf")),
+            megatron_folder=os.path.normpath(config.get("megatron_folder") or folder_beside(output, "megatron")),
             inspect_folder=os.path.normpath(config.get("inspect_folder") or os.path.join(work, "inspect")),
-            reshard_folder=os.path.normpath(config.get("reshard_folder") or os.path.join(os.path.dirname(output), "reshard")),
+            reshard_folder=os.path.normpath(config.get("reshard_folder") or folder_beside(output, "reshard")),
             run_folder=run_folder,
             unconvertible=unconvertible,
         )
@@ -206,3 +229,26 @@ class Settings:
         if unreadable is not None:
             raise unreadable
         return settings
+
+    @classmethod
+    def _of_run(cls, config: Mapping[str, Any], input_folder: str, demo_folder: str) -> Settings:
+        """A run folder whose saves `tags` / `every` choose: the folders are roots holding one folder per save
+        (the universal root is output_folder, else the run folder itself; ucpflow.targets checks each save's)."""
+        if not os.path.isdir(input_folder):
+            raise UcpflowError(f"Config key `input_folder`: {input_folder} does not exist or is not a folder.")
+        refuse_tags_for_checkpoint(input_folder, input_folder == demo_folder)
+        root = os.path.normpath(config.get("output_folder") or input_folder)
+        work = os.path.normpath(config.get("work_folder") or default_work_folder(root))
+        return cls(
+            input_folder=input_folder,
+            output_folder=root,
+            work_folder=work,
+            demo_folder=demo_folder,
+            latest_universal=os.path.join(root, LATEST_UNIVERSAL),
+            hf_folder=os.path.normpath(config.get("hf_folder") or os.path.join(root, "hf")),
+            megatron_folder=os.path.normpath(config.get("megatron_folder") or os.path.join(root, "megatron")),
+            inspect_folder=os.path.normpath(config.get("inspect_folder") or os.path.join(work, "inspect")),
+            reshard_folder=os.path.normpath(config.get("reshard_folder") or os.path.join(root, "reshard")),
+            run_folder=True,
+            many=True,
+        )

@@ -28,6 +28,8 @@ def _load_constants():
 
 
 _constants = _load_constants()
+# The file of a save_dir naming the tag engine.save_checkpoint saved last (a literal in DeepSpeed's engine).
+LATEST_FILE = "latest"
 
 
 def __getattr__(key):

@@ -20,6 +20,22 @@ def universal_folder_of(tag_folder: str) -> str:
     return f"{os.path.normpath(tag_folder)}_universal"
 
 
+def folder_beside(output_folder: str, name: str) -> str:
+    """A default output folder: `name` in the universal output's parent (hf, megatron, reshard)."""
+    return os.path.join(os.path.dirname(os.path.normpath(output_folder)), name)
+
+
+def save_folders(universal_root: str, hf_root: str, megatron_root: str, reshard_root: str, tag: str) -> dict[str, str]:
+    """{target: folder} of one save of a run converted with `tags`: `<tag>_universal` in the universal root (as
+    ds_to_universal users lay saves out), `<tag>` in each export's and the reshard's root."""
+    return dict(
+        universal=os.path.join(universal_root, f"{tag}_universal"),
+        hf=os.path.join(hf_root, tag),
+        megatron=os.path.join(megatron_root, tag),
+        reshard=os.path.join(reshard_root, tag),
+    )
+
+
 def latest_universal_path(output_folder: str) -> str:
     return os.path.join(os.path.dirname(os.path.normpath(output_folder)), LATEST_UNIVERSAL)
 

@@ -19,9 +19,9 @@ from .console import human_size
 from .export.megatron import TRACKER_FILE
 from .fileio import atomic_writer, write_text
 from .markdown import markdown_table
-from .markers import latest_universal_path, universal_folder_of
+from .markers import folder_beside, latest_universal_path, save_folders, universal_folder_of
 from .source.hfconfig import CONFIG_FILE
-from .source.saves import BEING_WRITTEN, COMPLETE, INCOMPLETE, LATEST, Save, list_saves
+from .source.saves import BEING_WRITTEN, COMPLETE, INCOMPLETE, Save, latest_tag, list_saves
 from .tables import FP32_FILE, OPTIMIZER_STATE_FILE, STAGING, ZERO
 
 
@@ -34,26 +34,31 @@ NOTHING = "none"
 @dataclass(frozen=True)
 class OutputFolders:
     """The config's output folder keys ("" when unset) and the save the other targets convert (the one the run
-    folder's `latest` names; "" for an HF Trainer output_dir), to which a set `output_folder` belongs."""
+    folder's `latest` names; "" for an HF Trainer output_dir), to which a set `output_folder` belongs. With
+    `per_save` (the config chooses saves with `tags`), the folders are the roots of every save's folders."""
 
     output_folder: str = ""
     hf_folder: str = ""
     megatron_folder: str = ""
     reshard_folder: str = ""
     converted_save: str = ""
+    per_save: bool = False
 
     def of(self, save: Save) -> dict[str, str]:
-        """{target: folder} that a conversion of `save` writes with this config: `<tag>_universal` beside the
-        tag folder (or the set output_folder, for the save the other targets convert), hf, megatron and reshard
-        beside that unless their keys are set."""
+        """{target: folder} that a conversion of `save` writes with this config: with `per_save`, the save's
+        folders in the roots (markers.save_folders); else `<tag>_universal` beside the tag folder (or the set
+        output_folder, for the save the other targets convert), hf, megatron and reshard beside that unless
+        their keys are set."""
+        if self.per_save:
+            return save_folders(self.output_folder, self.hf_folder, self.megatron_folder, self.reshard_folder,
+                                save.tag)
         same = self.converted_save and os.path.normpath(save.folder) == os.path.normpath(self.converted_save)
         universal = self.output_folder if self.output_folder and same else universal_folder_of(save.folder)
-        beside = os.path.dirname(os.path.normpath(universal))
         return dict(
             universal=universal,
-            hf=self.hf_folder or os.path.join(beside, "hf"),
-            megatron=self.megatron_folder or os.path.join(beside, "megatron"),
-            reshard=self.reshard_folder or os.path.join(beside, "reshard"),
+            hf=self.hf_folder or folder_beside(universal, "hf"),
+            megatron=self.megatron_folder or folder_beside(universal, "megatron"),
+            reshard=self.reshard_folder or folder_beside(universal, "reshard"),
         )
 
 
@@ -91,7 +96,7 @@ def converted_outputs(save: Save, folders: Mapping[str, str], shared_hf: bool) -
     found = [universal_state(folders["universal"], save)]
     if save.recorded_step is not None and _read(Path(folders["megatron"]) / TRACKER_FILE) == str(save.recorded_step):
         found.append("megatron")
-    if _read(Path(folders["reshard"]) / LATEST) == save.tag and (Path(folders["reshard"]) / save.tag).is_dir():
+    if latest_tag(folders["reshard"]) == save.tag and (Path(folders["reshard"]) / save.tag).is_dir():
         found.append("reshard")
     if not shared_hf and (Path(folders["hf"]) / CONFIG_FILE).is_file():
         found.append("hf")
@@ -112,6 +117,8 @@ def runs_table(run_folder: Path | str, output_folders: OutputFolders = OutputFol
         layout = save.layout
         shared_hf = hf_users[os.path.normpath(where["hf"])] > 1
         converted = converted_outputs(save, where, shared_hf)
+        if output_folders.per_save:  # each save has its own folder; latest_universal names only the newest
+            converted = ["universal" if item == "universal (unmarked)" else item for item in converted]
         rows.append(dict(
             step="" if save.step is None else save.step,
             save=os.path.relpath(save.folder, run_folder),

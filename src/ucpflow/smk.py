@@ -4,6 +4,7 @@ the memory and time a cluster job asks for."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import traceback
@@ -34,9 +35,20 @@ def job_runtime_minutes(read_bytes: float) -> int:
     return BASE_RUNTIME_MINUTES + math.ceil(read_bytes / READ_BYTES_PER_SECOND / 60)
 
 
+# Wildcard names of the rules' paths, each naming one save (ucpflow.targets.SaveTarget.key).
+SAVE_WILDCARDS = ("derived", "universal", "hf", "megatron", "reshard", "verify", "inspect_reshard")
+# Set (to "1") in the environment of a workflow converting several saves: job lines then name their save.
+SAVES_NAMED_ENV = "UCPFLOW_NAME_SAVES"
+
+
 def _job_name(snakemake):
-    values = ", ".join(str(value) for value in dict(snakemake.wildcards.items()).values())
-    return f"{snakemake.rule} {values}".strip()
+    """`merge b0003`; with several saves, `merge global_step200 b0003` (the save's folder name first)."""
+    wildcards = dict(snakemake.wildcards.items())
+    values = [str(value) for key, value in wildcards.items() if key not in SAVE_WILDCARDS]
+    if os.environ.get(SAVES_NAMED_ENV):
+        saves = [str(value).split("/")[0] for key, value in wildcards.items() if key in SAVE_WILDCARDS]
+        values = saves[:1] + values
+    return " ".join([snakemake.rule, ", ".join(values)]).strip()
 
 
 def run(snakemake: Snakemake, main: Callable[[], object], announce: bool = False) -> None:

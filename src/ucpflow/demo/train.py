@@ -45,6 +45,8 @@ def add_training_arguments(parser: argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--save-dir", type=Path, help="checkpoint root to save into after training")
+    parser.add_argument("--save-every", type=int, default=0, metavar="N",
+                        help="also save every N steps during training, as a training run does (global_step<N>, ...)")
     parser.add_argument("--resume-universal", type=Path, metavar="CKPT_ROOT",
                         help="load the universal checkpoint named by CKPT_ROOT/latest_universal first")
     parser.add_argument("--losses-out", type=Path, help="JSON file for the loss of every step (rank 0)")
@@ -112,18 +114,15 @@ def train(args):
     rank, world_size = dist.get_rank(), dist.get_world_size()
     global_batch = args.micro_batch * world_size
     losses = []
-    for _ in range(args.steps):
+    client_state = {}
+    if args.universal_info:
+        client_state[UNIVERSAL_CHECKPOINT_INFO] = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    for step in range(1, args.steps + 1):
         batch = synthetic_batch(engine.global_steps, global_batch, config, seed=args.seed)
         tokens = batch[rank * args.micro_batch:(rank + 1) * args.micro_batch].to(engine.device)
         losses.append(optimizer_step(engine, engine(tokens[:, :-1], tokens[:, 1:])))
-
-    if args.save_dir is not None:
-        client_state = {}
-        if args.universal_info:
-            client_state[UNIVERSAL_CHECKPOINT_INFO] = {
-                UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
-            }
-        engine.save_checkpoint(str(args.save_dir), client_state=client_state)
+        if args.save_dir is not None and (step == args.steps or (args.save_every and step % args.save_every == 0)):
+            engine.save_checkpoint(str(args.save_dir), client_state=client_state)
     write_losses(args.losses_out, losses)
     dist.barrier()
     # Left to interpreter shutdown, the gloo process group sometimes aborts the rank

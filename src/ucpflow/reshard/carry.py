@@ -9,12 +9,13 @@ Trainer's `training_args.bin` names `transformers.TrainingArguments`) is left be
 
 import os
 
+from .. import dsconst as C
 from ..errors import CheckpointError
 from ..fileio import copy_file
 from ..ptfile import load
 
 # What DeepSpeed itself writes beside the tag folders: written anew by the reshard, never carried.
-NOT_CARRIED = {"latest", "zero_to_fp32.py", "zero_to_torch.py"}
+NOT_CARRIED = {C.LATEST_FILE, "zero_to_fp32.py", "zero_to_torch.py"}
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 ZIP_MAGIC = b"PK\x03\x04"
 

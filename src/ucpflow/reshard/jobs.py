@@ -35,7 +35,6 @@ from .write import (
     write_optimizer_file,
 )
 
-LATEST = "latest"
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # engine._copy_recovery_script
 STATE_FILE = re.compile(r".*_(model|optim)_states\.pt")
 UNIVERSAL_HINT = ("convert it with `snakemake` to the universal checkpoint instead and load that with "
@@ -91,7 +90,7 @@ def plan_job(layout_path: str, params_path: str, output: str, *, reshard_folder:
         "optim_files": {optim_file_name(target, rank): rank for rank in range(target.dp)},
         "carry": carried_files(record.hf_config_folder, layout.folder, reshard_folder),
     }
-    retract(os.path.join(reshard_folder, LATEST))
+    retract(os.path.join(reshard_folder, C.LATEST_FILE))
     write_text(output, json.dumps(plan, indent=1) + "\n")
     left = "".join(f"; not carried: {name} ({reason})" for name, reason in plan["carry"]["left"].items())
     return (f"{target.dp} ranks at ZeRO-{target.stage} {target.dtype} from dp={layout.dp_degree} "
@@ -110,7 +109,7 @@ def rank_file_job(plan_path: str, index: IndexFiles, map_paths: list[str], resha
     name = os.path.basename(output)
     if name not in plan["model_files"] and name not in plan["optim_files"]:
         raise UcpflowError(f"{output} is not a file of the reshard plan {plan_path}.")
-    retract(os.path.join(reshard_folder, LATEST))
+    retract(os.path.join(reshard_folder, C.LATEST_FILE))
     remove_leftovers(output)
     source = read_source(index, map_paths)
     try:
@@ -125,7 +124,7 @@ def rank_file_job(plan_path: str, index: IndexFiles, map_paths: list[str], resha
 def carry_job(plan_path: str, reshard_folder: str, output: str) -> None:
     """Copy the HF Trainer's side files into the reshard folder; `output` records what was copied."""
     plan, _ = _plan(plan_path)
-    retract(os.path.join(reshard_folder, LATEST))
+    retract(os.path.join(reshard_folder, C.LATEST_FILE))
     copy_side_files(plan["carry"], reshard_folder)
     write_text(output, json.dumps(plan["carry"], indent=1) + "\n")
 

@@ -39,7 +39,7 @@ def resolve_tag_folder(input_folder: Path | str) -> Path:
         raise CheckpointError(f"Input folder {folder} is a file, not a checkpoint folder.")
     if glob.glob(str(folder / "*_optim_states.pt")):
         return folder
-    latest = folder / "latest"
+    latest = folder / C.LATEST_FILE
     if latest.is_file():
         tag = latest.read_text().strip()
         tag_folder = folder / tag

@@ -42,7 +42,6 @@ BEING_WRITTEN = "being written"
 INCOMPLETE = "incomplete"
 # A save with a file modified this recently is taken to be still growing.
 GROWING_SECONDS = 10.0
-LATEST = "latest"
 TRAINER_CHECKPOINT_PATTERN = r"checkpoint-(\d+)"
 DEFAULT_TAG_PATTERN = r"global_step(\d+)"
 UNIVERSAL_SUFFIX = "_universal"
@@ -92,7 +91,8 @@ def tag_step(tag: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
-def _has_rank_files(folder):
+def has_rank_files(folder: Path | str) -> bool:
+    """Whether `folder` holds DeepSpeed rank files at its top (a tag folder, not a folder of saves)."""
     return any(name.endswith((C.OPTIM_FILE_SUFFIX, C.MODEL_FILE_SUFFIX)) for name in _names(folder))
 
 
@@ -110,7 +110,7 @@ def _is_universal(folder):
 def latest_tag(holder: Path | str) -> str | None:
     """The tag a holder's `latest` names, or None without a readable `latest`."""
     try:
-        return (Path(holder) / LATEST).read_text().strip() or None
+        return (Path(holder) / C.LATEST_FILE).read_text().strip() or None
     except OSError:
         return None
 
@@ -124,7 +124,7 @@ def tag_folders(holder: Path | str) -> list[Path]:
         entry = holder / name
         if not entry.is_dir() or _is_universal(entry):
             continue
-        if name == named or re.fullmatch(DEFAULT_TAG_PATTERN, name) or _has_rank_files(entry):
+        if name == named or re.fullmatch(DEFAULT_TAG_PATTERN, name) or has_rank_files(entry):
             found.append(entry)
     return sorted(found, key=lambda entry: natural_keys(entry.name))
 
@@ -139,9 +139,9 @@ def is_trainer_output(folder: Path | str) -> bool:
     """Whether `folder` is the HF Trainer's output_dir: no `latest` or rank files of its own, and checkpoint-N
     folders holding a `latest` or a tag folder."""
     folder = Path(folder)
-    if not folder.is_dir() or (folder / LATEST).exists() or _has_rank_files(folder):
+    if not folder.is_dir() or (folder / C.LATEST_FILE).exists() or has_rank_files(folder):
         return False
-    return any((entry / LATEST).is_file() or tag_folders(entry) for entry in _trainer_checkpoints(folder))
+    return any((entry / C.LATEST_FILE).is_file() or tag_folders(entry) for entry in _trainer_checkpoints(folder))
 
 
 def holders(run_folder: Path | str) -> list[Path]:
@@ -156,7 +156,7 @@ def is_run_folder(folder: Path | str) -> bool:
     folder with more than one tag folder. A tag folder, a checkpoint-N folder and a DeepSpeed folder with a
     single save are single checkpoints, read as before."""
     folder = Path(folder)
-    if not folder.is_dir() or _has_rank_files(folder):
+    if not folder.is_dir() or has_rank_files(folder):
         return False
     return is_trainer_output(folder) or len(tag_folders(folder)) > 1
 
@@ -232,7 +232,7 @@ def _unnamed_reason(holder, tag):
         return ""
     if named is None:
         return f"it is the newest save and {holder} has no `latest` yet"
-    return f"it is the newest save and {holder / LATEST} still names {named}"
+    return f"it is the newest save and {holder / C.LATEST_FILE} still names {named}"
 
 
 def list_saves(run_folder: Path | str, now: float | None = None, growing_seconds: float = GROWING_SECONDS) -> list[Save]:

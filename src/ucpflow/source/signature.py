@@ -84,9 +84,10 @@ INDEX_FORMAT = 3
 INDEX_KEYS = ("strict", "inject_missing_state", "hf_config", "allow_globals", "merge_job_bytes", "merge_min_jobs")
 
 
-def workflow_signature(config: Mapping[str, Any], input_folder: Path | str, builds_demo: bool) -> str:
-    """The signature of the workflow's input as configured (the demo's identity is its build settings)."""
-    settings = [INDEX_FORMAT, *(config[key] for key in INDEX_KEYS)]
+def workflow_signature(config: Mapping[str, Any], input_folder: Path | str, builds_demo: bool, *extra: object) -> str:
+    """The signature of the workflow's input as configured (the demo's identity is its build settings); `extra`
+    joins it (a run's save adds its path)."""
+    settings = [INDEX_FORMAT, *(config[key] for key in INDEX_KEYS), *extra]
     if builds_demo:
         return input_signature(os.devnull, *settings, json.dumps(config["demo"], sort_keys=True))
     return input_signature(input_folder, *settings)

@@ -94,8 +94,10 @@ def folder_bytes(folder: Path | str) -> int:
     return sum(entry.stat().st_size for entry in Path(folder).rglob("*") if entry.is_file())
 
 
-def finalize_job(output_folder: str, latest_path: str, params_path: str, copy_files: Iterable[str], summary_path: str,
+def finalize_job(output_folder: str, params_path: str, copy_files: Iterable[str], summary_path: str,
                  keep_temp_folder: bool) -> dict[str, Any]:
+    """Check `output_folder` complete for the index (removing what an earlier input left there), then write the
+    summary last: the `latest_universal` rule names the folder only after that (write_latest_universal)."""
     parameters = parameter_files(params_path)
     copy_names = [os.path.basename(path) for path in copy_files]
     for entry in remove_stale_entries(output_folder, parameters, copy_names):
@@ -108,11 +110,14 @@ def finalize_job(output_folder: str, latest_path: str, params_path: str, copy_fi
         "output_folder": str(output_folder),
         "parameters": len(parameters),
         "bytes": folder_bytes(Path(output_folder) / ZERO),
-        "latest_universal": str(latest_path),
     }
-    write_text(summary_path, json.dumps(summary))
-    write_marker(latest_path, Path(os.path.normpath(output_folder)).name)
+    write_text(summary_path, json.dumps(summary), durable=True)
     return summary
+
+
+def write_latest_universal(latest_path: str, output_folder: str) -> None:
+    """`latest_universal`, naming `output_folder` (the newest save's universal checkpoint, complete)."""
+    write_marker(latest_path, Path(os.path.normpath(output_folder)).name)
 
 
 def summary_line(summary: Mapping[str, Any], seconds: float) -> str:

@@ -55,7 +55,7 @@ def _verify_bucket(task):
         reader.close()
 
 
-def verify(index: IndexFiles, map_paths: list[str], output_folder: str, latest_path: str,
+def verify(index: IndexFiles, map_paths: list[str], output_folder: str, latest_path: str | None,
            workers: int = 1) -> tuple[list[dict], list[dict], int]:
     """(report rows, partition rows, number of parameters): the universal checkpoint checked against its source."""
     record = read_index_record(index.layout)
@@ -88,7 +88,7 @@ def verify(index: IndexFiles, map_paths: list[str], output_folder: str, latest_p
     return report, partitions, len(params)
 
 
-def verify_job(index: IndexFiles, map_paths: list[str], output_folder: str, latest_path: str, outputs: dict,
+def verify_job(index: IndexFiles, map_paths: list[str], output_folder: str, latest_path: str | None, outputs: dict,
                log_path: str, workers: int) -> str:
     """Rule `verify`: write the report and summary; fail with one sentence when anything is off."""
     report, partitions, parameter_count = verify(index, map_paths, output_folder, latest_path, workers=workers)

@@ -46,9 +46,9 @@ def verify_optimizer_state(record: IndexRecord, path: Path) -> list[dict]:
     return rows
 
 
-def verify_files(record: IndexRecord, output_folder: str, latest_path: str, param_names: set[str]) -> list[dict]:
-    """The universal checkpoint's other files: copied model states, optimizer_state.pt, latest_universal,
-    and nothing else beside them."""
+def verify_files(record: IndexRecord, output_folder: str, latest_path: str | None, param_names: set[str]) -> list[dict]:
+    """The universal checkpoint's other files: copied model states, optimizer_state.pt, latest_universal (when
+    `latest_path` is given: a run's older saves are not the one it names), and nothing else beside them."""
     output_folder = Path(output_folder)
     rows = []
     copies = {Path(path).name: path for path in record.layout.copy_files}
@@ -58,9 +58,10 @@ def verify_files(record: IndexRecord, output_folder: str, latest_path: str, para
         expected = universal_model_state_digest(source, _file_digest)  # AutoEP rewrites it
         rows.append(row(name, "copy", expected, actual, status_of(expected, actual)))
     rows += verify_optimizer_state(record, output_folder / ZERO / OPTIMIZER_STATE_FILE)
-    tag = output_folder.name
-    actual = Path(latest_path).read_text() if Path(latest_path).is_file() else MISSING
-    rows.append(row(LATEST_UNIVERSAL, "tag", tag, actual, status_of(tag, actual)))
+    if latest_path:
+        tag = output_folder.name
+        actual = Path(latest_path).read_text() if Path(latest_path).is_file() else MISSING
+        rows.append(row(LATEST_UNIVERSAL, "tag", tag, actual, status_of(tag, actual)))
     for entry in sorted(output_folder.iterdir()) if output_folder.is_dir() else []:
         if entry.name not in copies and entry.name not in (ZERO, STAGING):
             rows.append(row(entry.name, "file", "", "present", UNEXPECTED))
