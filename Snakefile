@@ -1,7 +1,9 @@
 # ucpflow: DeepSpeed checkpoint conversion as a Snakemake workflow.
-#   index -> extract (per source file) -> merge (per bucket of parameters, into staging)
-#         -> publish (per parameter, into zero/) -> finalize (checks, then latest_universal)
-# Each rule file's stage is the module of the same name in src/ucpflow/stages/.
+#   per save: index -> extract (per source file) -> merge (per bucket of parameters, into staging)
+#             -> publish (per parameter, into zero/) -> finalize (checks, summary last)
+#   then latest_universal, naming the newest save's universal checkpoint.
+# Each rule file's stage is the module of the same name in src/ucpflow/stages/; the saves (one checkpoint,
+# or a run's saves chosen by `tags`) come from src/ucpflow/targets.py.
 import os
 
 from snakemake.utils import min_version

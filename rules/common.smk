@@ -95,9 +95,10 @@ def _one_of(values):
 # from a save lives under a folder named by its input files' identity, so a changed save is indexed and
 # converted again, and an unchanged one is left alone. (The Snakefile declares them.)
 SAVE_WILDCARD_CONSTRAINTS = {name: _one_of(SAVE_BY[name]) for name in SAVE_WILDCARDS}
+# Path patterns of the rules' outputs: a save's work folder and its universal checkpoint's folder.
 DERIVED = f"{WORK}/{{derived}}"
 INDEX = f"{DERIVED}/index"
-OUT = os.path.join(SELECTION.root("universal"), "{universal}")
+UNIVERSAL_FOLDER = os.path.join(SELECTION.root("universal"), "{universal}")
 LATEST_UNIVERSAL_FILE = SETTINGS.latest_universal
 if SETTINGS.builds_demo:
     forget_vanished_demo(SETTINGS.demo_folder, f"{WORK}/{SAVES[0].derived}")

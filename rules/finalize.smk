@@ -5,7 +5,7 @@ rule optimizer_state:
         # The rank file it is read from: a changed rank file writes it again.
         source=optimizer_state_file,
     output:
-        f"{OUT}/{ZERO}/{OPTIMIZER_STATE_FILE}",
+        f"{UNIVERSAL_FOLDER}/{ZERO}/{OPTIMIZER_STATE_FILE}",
     log:
         f"{LOGS}/{{universal}}/optimizer_state.log",
     benchmark:
@@ -22,7 +22,7 @@ rule copy_model_state:
         layout=index_input("layout"),
         source=model_state_source,
     output:
-        f"{OUT}/{{model_file}}",
+        f"{UNIVERSAL_FOLDER}/{{model_file}}",
     log:
         f"{LOGS}/{{universal}}/copy/{{model_file}}.log",
     benchmark:

@@ -1,11 +1,11 @@
 rule merge:
-    """Merge one bucket of parameters into its staging folder OUT/tmp/<bucket>/<param>/ (stages/merge.py)."""
+    """Merge one bucket of parameters into its staging folder <universal folder>/tmp/<bucket>/<param>/ (stages/merge.py)."""
     input:
         unpack(index_inputs),
         maps=bucket_maps,
     output:
         # Removed once all its parameters are published (kept with keep_temp_folder, as ds_to_universal).
-        staged=staging_folder(f"{OUT}/{STAGING}/{{bucket}}"),
+        staged=staging_folder(f"{UNIVERSAL_FOLDER}/{STAGING}/{{bucket}}"),
     log:
         f"{LOGS}/{{universal}}/merge/{{bucket}}.log",
     benchmark:

@@ -13,7 +13,7 @@ rule repair_request:
 
 
 rule publish:
-    """Hard-link one parameter's merged files into OUT/zero/<param>/ (fp32.pt and the other states
+    """Hard-link one parameter's merged files into <universal folder>/zero/<param>/ (fp32.pt and the other states
     beside it); a staged copy that lost files is merged again here (stages/publish.py). Runs in Snakemake's
     own process.
     """
@@ -23,7 +23,7 @@ rule publish:
         staged=staged_bucket,
         repair=repair_request,
     output:
-        f"{OUT}/{ZERO}/{{param}}/{FP32_FILE}",
+        f"{UNIVERSAL_FOLDER}/{ZERO}/{{param}}/{FP32_FILE}",
     log:
         f"{LOGS}/{{universal}}/publish/{{param}}.log",
     wildcard_constraints:
