@@ -93,6 +93,8 @@ def select(config: Mapping[str, Any], settings: Settings) -> Selection:
                                    settings.input_folder)
     targets = tuple(_of_save(config, settings, save) for save in chosen)
     _refuse_shared_folders(targets)
+    if not targets:
+        notices.append(f"no save of {settings.input_folder} is chosen and ready to convert (it holds {len(saves)}).")
     return Selection(targets, tuple(notices) + tuple(_vanished(saves, settings)))
 
 

@@ -2,7 +2,7 @@
 run folder appears, finishes or goes away, until SIGINT or SIGTERM.
 
     python -m ucpflow.watch --seconds 60 -- hf --cores 4 --config input_folder=RUN tags=all
-    python -m ucpflow.watch --seconds 60 -- universal --profile profiles/slurm --config input_folder=RUN tags=all
+    python -m ucpflow.watch --seconds 60 -- universal --workflow-profile profiles/slurm --config input_folder=RUN tags=all
 
 Everything after `--` is Snakemake's command line (the Snakefile beside this package is used unless it names
 one with -s). Between runs the run folder's saves are listed every `--seconds` (metadata only); each run
