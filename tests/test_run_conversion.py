@@ -13,12 +13,14 @@ import time
 import pytest
 from conftest import REPO, ds_to_universal, snakemake
 from test_export_hf_transformers import safetensors_state, zero_to_fp32
+from snakemake.utils import validate
 from test_runs import LONG_AGO, RANK1, age
 from universal_compare import compare_universal
 from workflow_runs import jobs_run, run_workflow, workflow_command, workflow_env
 
 from ucpflow.source.saves import Save
-from ucpflow.targets import choose_saves
+from ucpflow.config import Settings
+from ucpflow.targets import choose_saves, select
 
 DEMO = dict(num_procs=2, zero_stage=1, dtype="bf16")
 STEPS = (1, 2, 3, 4)
@@ -61,6 +63,19 @@ def test_the_hf_trainer_checkpoint_folders_answer_to_their_names():
     saves = [save(2, holder="/out/checkpoint-2"), save(4, holder="/out/checkpoint-4")]
     assert tags_of(choose_saves(saves, "checkpoint-4", 0, "/out")[0]) == ["global_step4"]
     assert tags_of(choose_saves(saves, "checkpoint-*", 0, "/out")[0]) == ["global_step2", "global_step4"]
+
+
+def test_a_run_without_saves_yet_says_so_and_the_folders_are_per_save_roots(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"input_folder": str(run), "every": 2, "hf_folder": str(tmp_path / "exports")}
+    validate(config, schema=str(REPO / "schemas" / "config.schema.yaml"), set_default=True)
+    settings = Settings.from_config(config)
+    assert (settings.many, settings.output_folder, settings.hf_folder) == (True, str(run), str(tmp_path / "exports"))
+    assert settings.latest_universal == str(run / "latest_universal")
+    selection = select(config, settings)
+    assert selection.saves == ()
+    assert selection.notices == (f"no save of {run} is chosen and ready to convert (it holds 0).",)
 
 
 def test_tags_need_a_run_folder(tmp_path):
