@@ -288,3 +288,35 @@ def test_floor_runs_the_generated_workflow_with_n_and_one_parameter_jobs(tmp_pat
     assert {count: len(walls) for count, walls in result["walls"].items()} == {"3": 1, "1": 1}
     assert result["wall_s_median"] > 0 and isinstance(result["ms_per_parameter_job"], float)
     assert (tmp_path / "floor-3-0.log").is_file() and (tmp_path / "floor-1-0.log").is_file()
+
+
+def test_runs_bench_copies_a_save_into_a_run_of_aged_saves(tmp_path):
+    from bench.runs import LONG_AGO, make_run
+
+    tag = tmp_path / "global_step4"
+    tag.mkdir()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    run = tmp_path / "run"
+    make_run(tag, run, 3)
+    assert sorted(path.name for path in run.iterdir()) == ["global_step1", "global_step2", "global_step3", "latest"]
+    assert (run / "latest").read_text() == "global_step3"
+    assert {path.stat().st_mtime for path in run.rglob("*")} == {LONG_AGO}
+
+
+def test_hf_bench_compares_the_exports_tensor_by_tensor(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from bench.hf import outputs_equal
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(), theirs.mkdir()
+    weight = torch.arange(6.0).reshape(2, 3)
+    save_file({"embed.weight": weight}, ours / "model.safetensors")
+    save_file({"embed.weight": weight.clone()}, theirs / "model.safetensors")
+    assert outputs_equal(ours, theirs) == []
+    save_file({"embed.weight": weight + 1}, theirs / "model.safetensors")
+    assert outputs_equal(ours, theirs) == ["embed.weight"]
+    (theirs / "model.safetensors").unlink()
+    torch.save({"embed.weight": weight, "lm_head.weight": weight}, theirs / "pytorch_model.bin")
+    assert outputs_equal(ours, theirs) == []  # a tied lm_head.weight is stored once by ucpflow
