@@ -46,6 +46,9 @@ CASES = {
     )
 }
 NUM_PROCS = 2
+# The workflow's default demo checkpoint (config.yaml's demo settings): not a case of `python -m bench`, but
+# the smallest size of bench.scaling and the save copied by bench.runs.
+DEMO = Case("demo", layers=2, hidden=64, heads=4, vocab=500, seq_len=32, steps=4)
 
 
 def checkpoint_tag_folder(case, cache):

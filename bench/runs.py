@@ -24,15 +24,13 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench.cases import Case, checkpoint_tag_folder
+from bench.cases import DEMO, checkpoint_tag_folder
 from bench.measure import run_measured
 from bench.workflow import snapshot_workflow, workflow_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_AGO = 1_000_000_000  # copies' modification times: not saves being written
 TIMEOUT = 3600
-# The workflow's default demo checkpoint (config.yaml's demo settings).
-DEMO = Case("demo", layers=2, hidden=64, heads=4, vocab=500, seq_len=32, steps=4)
 
 
 def parse(argv):
