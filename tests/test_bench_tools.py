@@ -320,3 +320,14 @@ def test_hf_bench_compares_the_exports_tensor_by_tensor(tmp_path):
     (theirs / "model.safetensors").unlink()
     torch.save({"embed.weight": weight, "lm_head.weight": weight}, theirs / "pytorch_model.bin")
     assert outputs_equal(ours, theirs) == []  # a tied lm_head.weight is stored once by ucpflow
+
+
+def test_scaling_floor_reads_the_input_and_writes_the_output_bytes_once(tmp_path):
+    from bench.scaling import file_names, floor_seconds
+
+    tag = tmp_path / "tag"
+    tag.mkdir()
+    (tag / "a.pt").write_bytes(b"x" * 1000)
+    seconds = floor_seconds(tag, 3 * 2**20, tmp_path)
+    assert seconds > 0 and not (tmp_path / "floor.bin").exists()
+    assert file_names(tmp_path) == ["tag/a.pt"]
