@@ -38,7 +38,6 @@ from ucpflow.smk import (
     BASE_MEMORY_MB,
     job_memory_mb,
     job_runtime_minutes,
-    named_index_files,
     run_in_process,
     SAVES_NAMED_ENV,
 )
@@ -90,10 +89,10 @@ def _one_of(values):
     return "|".join(re.escape(value) for value in values) or "(?!)"
 
 
-# Each rule names its save through one of these wildcards (ucpflow.targets.SaveTarget.key): a folder in a
-# root (the universal checkpoint, the exports, the reshard) or a path in the work folder. Everything derived
-# from a save lives under a folder named by its input files' identity, so a changed save is indexed and
-# converted again, and an unchanged one is left alone. (The Snakefile declares them.)
+# Every save is named in the paths of the rules by one of these wildcards (ucpflow.targets.SaveTarget.key):
+# a folder in a root (the universal checkpoint, the exports, the reshard) or a path in the work folder.
+# Everything derived from a save lives under a folder named by its input files' identity, so a changed save
+# is indexed and converted again, and an unchanged one is left alone. (The Snakefile declares them.)
 SAVE_WILDCARD_CONSTRAINTS = {name: _one_of(SAVE_BY[name]) for name in SAVE_WILDCARDS}
 # Path patterns of the rules' outputs: a save's work folder and its universal checkpoint's folder.
 DERIVED = f"{WORK}/{{derived}}"
@@ -114,6 +113,16 @@ def save_of(wildcards):
 
 def derived_of(save):
     return f"{WORK}/{save.derived}"
+
+
+def work_input(relative):
+    """A file of the job's save's work folder (a plan, a summary) as an input function."""
+    return lambda wildcards: f"{derived_of(save_of(wildcards))}/{relative}"
+
+
+def summary_of(save):
+    """The save's finalize summary: written last, once its universal checkpoint is complete."""
+    return f"{derived_of(save)}/summary.json"
 
 
 def index_of(save):
@@ -176,34 +185,33 @@ def bucket_of_parameter(save):
     return _read_index_file(index_output(save).params, _read_buckets)
 
 
-def checkpoint_input(wildcards):
-    """The demo is built by a rule; a user's folder only has to exist (its mtime never reruns the index).
-    A run folder that names no save to convert (the HF Trainer's output_dir) stops every target but
-    `inspect` here, while the DAG is built, with its one sentence (the console shows that line alone).
-    """
-    if SETTINGS.unconvertible:
-        raise WorkflowError(f"ucpflow error: {SETTINGS.unconvertible}")
-    if SETTINGS.builds_demo:
-        return rules.demo_checkpoint.output.latest
-    return ancient(save_of(wildcards).input_folder)
-
-
-def refuse_unconvertible(wildcards):
-    """What a target needs before any save: nothing, unless the input names no save to convert."""
+def refuse_unconvertible(wildcards=None):
+    """What a target needs before any save: nothing, unless the input names no save to convert. A run folder
+    that names none (the HF Trainer's output_dir without `tags`) stops every target but `inspect` here, while
+    the DAG is built, with its one sentence (the console shows that line alone)."""
     if SETTINGS.unconvertible:
         raise WorkflowError(f"ucpflow error: {SETTINGS.unconvertible}")
     return []
+
+
+def _input_folder(folder):
+    """The demo is built by a rule; a user's folder only has to exist (its mtime never reruns the index)."""
+    refuse_unconvertible()
+    if SETTINGS.builds_demo:
+        return rules.demo_checkpoint.output.latest
+    return ancient(folder)
+
+
+def checkpoint_input(wildcards):
+    """What the job's save's index (or reshard inspection) reads."""
+    return _input_folder(save_of(wildcards).input_folder)
 
 
 def inspect_input(wildcards):
     """A run folder's inspect reads the folder itself; a single checkpoint's is the conversion's input."""
     if SETTINGS.run_folder:
         return ancient(SETTINGS.input_folder)
-    if SETTINGS.unconvertible:
-        raise WorkflowError(f"ucpflow error: {SETTINGS.unconvertible}")
-    if SETTINGS.builds_demo:
-        return rules.demo_checkpoint.output.latest
-    return ancient(SETTINGS.input_folder)
+    return _input_folder(SETTINGS.input_folder)
 
 
 def extraction_source(wildcards):
@@ -217,6 +225,18 @@ def extraction_source(wildcards):
 
 def extraction_maps(save, names):
     return [f"{derived_of(save)}/extract/{name}.tsv" for name in names]
+
+
+def save_maps(save):
+    """The extraction maps of every file of the save (rank files and model states)."""
+    return extraction_maps(save, indexed_layout(save).sources)
+
+
+def is_indexed(save):
+    """Whether the save's index is written, so that asking for it raises nothing: a target that lists every
+    save's files asks only for those (one index raising there would hold back the other saves).
+    """
+    return os.path.exists(index_of(save).layout)
 
 
 def _maps_of_bucket(save, bucket):
@@ -299,11 +319,9 @@ def indexed_universal_files(wildcards):
     """Every file of the universal checkpoints of the saves already indexed, for the targets: a file deleted
     since is converted again (finalize, whose summary is up to date, would not ask for it). A save not yet
     indexed is left to its finalize, so that one index holds back no other save."""
-    files = []
-    for save in SAVES:
-        if os.path.exists(index_of(save).layout):
-            files += universal_files(save)
-    return files
+    return [
+        path for save in SAVES if is_indexed(save) for path in universal_files(save)
+    ]
 
 
 def verified_saves(wildcards):
@@ -313,7 +331,7 @@ def verified_saves(wildcards):
         dict(
             tag=save.tag,
             index=index_output(save)._asdict(),
-            maps=extraction_maps(save, indexed_layout(save).sources),
+            maps=save_maps(save),
             output_folder=save.universal,
             latest=LATEST_UNIVERSAL_FILE if save == SAVES[-1] else None,
         )
@@ -324,7 +342,7 @@ def verified_saves(wildcards):
 def finished_conversions(wildcards):
     """Every save's finalize summary and latest_universal: known before any index, so that every save's
     conversion starts at once."""
-    summaries = [f"{derived_of(save)}/summary.json" for save in SAVES]
+    summaries = [summary_of(save) for save in SAVES]
     return summaries + ([LATEST_UNIVERSAL_FILE] if SAVES else [])
 
 
@@ -358,11 +376,6 @@ def merge_mem_mb(wildcards):
 def merge_runtime(wildcards):
     """Minutes for a bucket at a pessimistic 50 MB/s of universal output, plus start-up."""
     return job_runtime_minutes(bucket_sizes(wildcards)[wildcards.bucket]["bytes"])
-
-
-def all_extraction_maps(wildcards):
-    save = save_of(wildcards)
-    return extraction_maps(save, indexed_layout(save).sources)
 
 
 def _all_bucket_sizes():
@@ -475,7 +488,7 @@ def print_conversion_summary():
     seconds = time.time() - STARTED
     lines = []
     for save in SAVES:
-        summary = f"{derived_of(save)}/summary.json"
+        summary = summary_of(save)
         if _written_in_this_run(summary):
             lines.append(summary_line(json.loads(Path(summary).read_text()), seconds))
         if _written_in_this_run(f"{save.megatron}/{MEGATRON_TRACKER}"):

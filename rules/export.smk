@@ -31,7 +31,7 @@ checkpoint export_megatron_plan:
 rule export_megatron_shard:
     """Write one (tp, pp) rank's model_optim_rng.pt from the universal fp32 weights."""
     input:
-        plan=plan_input("megatron_plan.json"),
+        plan=work_input("export/megatron_plan.json"),
         weights=megatron_shard_weights,
     output:
         f"{MEGATRON_FOLDER}/iter_{{iteration}}/{{rank}}/model_optim_rng.pt",
@@ -49,7 +49,7 @@ rule export_megatron_shard:
 rule export_megatron_finalize:
     """Write latest_checkpointed_iteration.txt last: Megatron then finds a complete checkpoint."""
     input:
-        plan=plan_input("megatron_plan.json"),
+        plan=work_input("export/megatron_plan.json"),
         shards=megatron_shards,
     output:
         f"{MEGATRON_FOLDER}/latest_checkpointed_iteration.txt",
@@ -100,7 +100,7 @@ rule export_hf_shard:
     """
     input:
         unpack(hf_shard_sources),
-        plan=plan_input("hf_plan.json"),
+        plan=work_input("export/hf_plan.json"),
     output:
         f"{HF_FOLDER}/{{stem}}.safetensors",
     log:
@@ -119,7 +119,7 @@ rule export_hf_shard:
 rule export_hf_index:
     """model.safetensors.index.json, when the weights take more than one file."""
     input:
-        plan=plan_input("hf_plan.json"),
+        plan=work_input("export/hf_plan.json"),
     output:
         f"{HF_FOLDER}/model.safetensors.index.json",
     log:
@@ -133,7 +133,7 @@ rule export_hf_index:
 rule export_hf_finalize:
     """Write generation_config.json and, last, config.json: transformers then finds a complete model."""
     input:
-        plan=plan_input("hf_plan.json"),
+        plan=work_input("export/hf_plan.json"),
         files=hf_files,
     output:
         generation_config=f"{HF_FOLDER}/generation_config.json",

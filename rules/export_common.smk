@@ -24,11 +24,6 @@ def hf_plan(save):
     return _read_index_file(plan, _read_json)
 
 
-def plan_input(name):
-    """The job's save's export plan (`megatron_plan.json` or `hf_plan.json`) as an input function."""
-    return lambda wildcards: f"{derived_of(save_of(wildcards))}/export/{name}"
-
-
 def universal_weights(save, params):
     return [
         f"{save.universal}/{ZERO}/{param}/{FP32_FILE}"
@@ -61,9 +56,7 @@ def reads_rank_files(save):
 
 
 def hf_rank_maps(save):
-    if not reads_rank_files(save):
-        return []
-    return extraction_maps(save, indexed_layout(save).sources)
+    return save_maps(save) if reads_rank_files(save) else []
 
 
 def hf_plan_sources(wildcards):
@@ -83,7 +76,7 @@ def hf_shard_sources(wildcards):
     if plan.get("source") == "transformers":
         return {
             **index_of(save)._asdict(),
-            "maps": extraction_maps(save, indexed_layout(save).sources),
+            "maps": save_maps(save),
             "model_states": indexed_layout(save).layout.model_files,
         }
     params = (plan["tensors"][name].get("param") for name in names)
@@ -112,6 +105,6 @@ def hf_targets(wildcards):
     hold back the others)."""
     files = [f"{save.hf}/config.json" for save in SAVES]
     for save in SAVES:
-        if len(SAVES) == 1 or os.path.exists(index_of(save).layout):
+        if len(SAVES) == 1 or is_indexed(save):
             files += hf_rank_maps(save)
     return refuse_unconvertible(wildcards) + files

@@ -63,7 +63,7 @@ rule latest_universal:
     """Write latest_universal last, naming the newest save's universal checkpoint once it is complete
     (DeepSpeed's load_universal reads it)."""
     input:
-        [f"{derived_of(save)}/summary.json" for save in SAVES[-1:]],
+        [summary_of(save) for save in SAVES[-1:]],
     output:
         LATEST_UNIVERSAL_FILE,
     log:

@@ -35,7 +35,7 @@ rule reshard_rank_file:
     """Write one model- or optimizer-states file of the target tag folder from the source's rank files."""
     input:
         unpack(index_inputs),
-        plan=reshard_plan_input,
+        plan=work_input("reshard/plan.json"),
         maps=reshard_maps,
         model_states=reshard_model_states,
     output:
@@ -68,7 +68,7 @@ rule reshard_rank_file:
 rule reshard_carry:
     """Copy the HF Trainer's files beside the tag folder (pickles only with allowed globals)."""
     input:
-        plan=reshard_plan_input,
+        plan=work_input("reshard/plan.json"),
     output:
         f"{RESHARD_WORK}/carried.json",
     log:
@@ -98,9 +98,9 @@ rule reshard_repair_request:
 rule reshard_finalize:
     """Remove files of an earlier plan, add DeepSpeed's recovery scripts, then write `latest` last."""
     input:
-        plan=reshard_plan_input,
+        plan=work_input("reshard/plan.json"),
         files=reshard_files,
-        carried=lambda wildcards: f"{derived_of(save_of(wildcards))}/reshard/carried.json",
+        carried=work_input("reshard/carried.json"),
         repair=reshard_repair_request,
     output:
         f"{RESHARD_FOLDER}/latest",

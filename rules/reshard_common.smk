@@ -9,10 +9,6 @@ def reshard_plan(save):
     return _read_index_file(plan, _read_json)
 
 
-def reshard_plan_input(wildcards):
-    return f"{derived_of(save_of(wildcards))}/reshard/plan.json"
-
-
 def reshard_model_states(wildcards):
     return indexed_layout(save_of(wildcards)).layout.model_files
 

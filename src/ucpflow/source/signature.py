@@ -21,8 +21,6 @@ from ..errors import CheckpointError
 from .layout import resolve_tag_folder
 
 SIGNATURE_LENGTH = 12
-# The work folder's name for an input with nothing to convert (a run folder only `inspect` reads).
-NO_SIGNATURE = "0" * SIGNATURE_LENGTH
 
 
 def _tag_folder(input_folder):
