@@ -192,6 +192,7 @@ def test_converted_outputs_are_read_from_their_markers(deepspeed_run):
     assert universal_state(universal, saves[1]) == "universal (partial)"  # no model-states copy
     (universal / "mp_rank_00_model_states.pt").write_bytes(b"")
     assert universal_state(universal, saves[1]) == "universal (unmarked)"
+    assert universal_state(universal, saves[1], per_save=True) == "universal"  # a run's save has its own folder
     (deepspeed_run / "latest_universal").write_text("global_step4_universal")
     assert universal_state(universal, saves[1]) == "universal"
     (deepspeed_run / "megatron").mkdir()

@@ -69,11 +69,12 @@ def _read(path):
         return None
 
 
-def universal_state(folder: Path | str, save: Save) -> str:
-    """"universal" when the parent's latest_universal names `folder` (finalize writes it last, so the folder is
-    complete); "universal (unmarked)" when it names another conversion but every file finalize checks for is
-    here (an earlier conversion beside a later one: latest_universal marks only the last); "universal (partial)"
-    when files are missing or staging is left; "" without the folder."""
+def universal_state(folder: Path | str, save: Save, per_save: bool = False) -> str:
+    """"universal" when the parent's latest_universal names `folder` (written last, so the folder is complete);
+    "universal (unmarked)" when it names another conversion but every file finalize checks for is here (an
+    earlier conversion beside a later one: latest_universal marks only the last), or just "universal" when
+    `per_save` (each of a run's saves converted into its own folder, latest_universal naming the newest);
+    "universal (partial)" when files are missing or staging is left; "" without the folder."""
     folder = Path(folder)
     if not folder.is_dir():
         return ""
@@ -85,15 +86,17 @@ def universal_state(folder: Path | str, save: Save) -> str:
     whole = (parameters and (zero / OPTIMIZER_STATE_FILE).is_file() and not (folder / STAGING).exists()
              and all((entry / FP32_FILE).is_file() for entry in parameters)
              and all((folder / name).is_file() for name in copies))
-    return "universal (unmarked)" if whole else "universal (partial)"
+    if not whole:
+        return "universal (partial)"
+    return "universal" if per_save else "universal (unmarked)"
 
 
-def converted_outputs(save: Save, folders: Mapping[str, str], shared_hf: bool) -> list[str]:
+def converted_outputs(save: Save, folders: Mapping[str, str], shared_hf: bool, per_save: bool = False) -> list[str]:
     """What is already converted for `save`, read from each output's completion marker: the universal
     checkpoint (see universal_state), a Megatron export whose tracker names the save's recorded step, a
     reshard whose `latest` names its tag, and a transformers export (config.json, written last) when its
     folder belongs to this save alone (a shared hf folder does not record its source save)."""
-    found = [universal_state(folders["universal"], save)]
+    found = [universal_state(folders["universal"], save, per_save)]
     if save.recorded_step is not None and _read(Path(folders["megatron"]) / TRACKER_FILE) == str(save.recorded_step):
         found.append("megatron")
     if latest_tag(folders["reshard"]) == save.tag and (Path(folders["reshard"]) / save.tag).is_dir():
@@ -116,9 +119,7 @@ def runs_table(run_folder: Path | str, output_folders: OutputFolders = OutputFol
     for save, where in zip(saves, folders):
         layout = save.layout
         shared_hf = hf_users[os.path.normpath(where["hf"])] > 1
-        converted = converted_outputs(save, where, shared_hf)
-        if output_folders.per_save:  # each save has its own folder; latest_universal names only the newest
-            converted = ["universal" if item == "universal (unmarked)" else item for item in converted]
+        converted = converted_outputs(save, where, shared_hf, output_folders.per_save)
         rows.append(dict(
             step="" if save.step is None else save.step,
             save=os.path.relpath(save.folder, run_folder),
