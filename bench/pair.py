@@ -28,7 +28,8 @@ def pair_arguments(description, argv, repeats=3):
 def run_pair(name, anchor, commands, *, source, scratch, out, repeats, check, timeout, described):
     """Run `anchor` and ucpflow `repeats` times each, alternating which goes first; `commands(tool, run_dir)`
     gives a tool's command, `check(run_dirs)` the problems of one round's outputs ([] when right).
-    `described` goes into the JSON as what was measured. Returns the medians' ratios, ucpflow / anchor."""
+    `described` goes into the JSON as what was measured. Returns what the JSON holds: every run, the medians
+    ({tool: {measure: value}}) and their ratios, ucpflow / anchor."""
     tools = (anchor, "ucpflow")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -65,4 +66,4 @@ def run_pair(name, anchor, commands, *, source, scratch, out, repeats, check, ti
     lines.append("| ratio | " + " | ".join(str(value) for value in ratios.values()) + " |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return ratios
+    return result

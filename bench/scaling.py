@@ -12,21 +12,20 @@ files (that their tensors are equal is `python -m bench`'s and the tests' check)
 the checkpoint's bytes once from the page cache and writing the universal checkpoint's bytes once (one
 process, 8 MiB blocks, then sync).
 
-Writes <out>/scaling.json, <out>/scaling.md and <out>/scaling.png (wall and peak RSS of the largest process
+Each case's runs go to <out>/scaling-<case>.json and .md (bench.pair); the whole to <out>/scaling.json,
+<out>/scaling.md and <out>/scaling.png (wall and peak RSS of the largest process
 against checkpoint bytes, log-log; dashed: each tool's fixed cost, dotted: the floor).
 """
 
 import argparse
 import json
 import os
-import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from bench.cases import CASES, DEMO, Case, checkpoint_tag_folder
-from bench.measure import run_measured
+from bench.pair import run_pair
 from bench.run import warm_page_cache
 from bench.workflow import snapshot_workflow, workflow_fingerprint
 from ucpflow.stages.finalize import folder_bytes
@@ -76,34 +75,27 @@ def floor_seconds(tag, output_bytes, scratch):
     return seconds
 
 
-def measure_case(case, args, snakefile, scratch, logs):
+def measure_case(case, args, snakefile, scratch):
+    """Both tools on `case` (bench.pair: alternating rounds from scratch, medians), and the floor."""
     tag = checkpoint_tag_folder(case, args.cache)
-    rows = []
-    for repeat in range(args.repeats):
-        run_dirs = {tool: scratch / f"{case.name}-{tool}" for tool in TOOLS}
-        for tool in TOOLS if repeat % 2 == 0 else TOOLS[::-1]:
-            shutil.rmtree(run_dirs[tool], ignore_errors=True)
-            run_dirs[tool].mkdir(parents=True)
-            warm_page_cache(tag)
-            os.sync()
-            log = logs / f"scaling-{case.name}-{tool}{repeat}.log"
-            measured = run_measured(command(tool, tag, run_dirs[tool], snakefile), log_path=log, cwd=run_dirs[tool],
-                                    timeout=TIMEOUT)
-            if measured.returncode != 0:
-                raise SystemExit(f"[bench.scaling] {tool} failed on {case.name}; see {log}")
-            rows.append(dict(tool=tool, wall_s=measured.wall, peak_rss_mib=measured.peak_rss_process / 2**20))
+    output_bytes = {}
+
+    def check(run_dirs):
         outputs = {tool: run_dirs[tool] / "universal" / f"{tag.name}_universal" for tool in TOOLS}
         if file_names(outputs["ucpflow"]) != file_names(outputs["ds_to_universal"]):
-            raise SystemExit(f"[bench.scaling] {case.name}: the two outputs hold different files")
-        output_bytes = folder_bytes(outputs["ucpflow"])
-        for run_dir in run_dirs.values():
-            shutil.rmtree(run_dir)
-    result = dict(case=case.name, checkpoint_bytes=folder_bytes(tag), output_bytes=output_bytes,
-                  floor_s=floor_seconds(tag, output_bytes, scratch))
+            return [f"{case.name}: the two outputs hold different files"]
+        output_bytes["ucpflow"] = folder_bytes(outputs["ucpflow"])
+        return []
+
+    measured = run_pair(f"scaling-{case.name}", "ds_to_universal",
+                        lambda tool, run_dir: command(tool, tag, run_dir, snakefile), source=tag, scratch=scratch,
+                        out=args.out, repeats=args.repeats, check=check, timeout=TIMEOUT,
+                        described={"case": case.name})
+    result = dict(case=case.name, checkpoint_bytes=folder_bytes(tag), output_bytes=output_bytes["ucpflow"],
+                  floor_s=floor_seconds(tag, output_bytes["ucpflow"], scratch))
     for tool in TOOLS:
-        mine = [row for row in rows if row["tool"] == tool]
-        result[f"{tool}_wall_s"] = statistics.median(row["wall_s"] for row in mine)
-        result[f"{tool}_peak_rss_mib"] = statistics.median(row["peak_rss_mib"] for row in mine)
+        result[f"{tool}_wall_s"] = measured["median"][tool]["wall_s"]
+        result[f"{tool}_peak_rss_mib"] = measured["median"][tool]["peak_rss_process_mib"]
     print(f"[bench.scaling] {result}", flush=True)
     return result
 
@@ -144,10 +136,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     scratch = args.cache / "scratch" / "scaling"
     scratch.mkdir(parents=True, exist_ok=True)
-    logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     snakefile = snapshot_workflow(REPO, scratch / "workflow")
-    results = [measure_case(case, args, snakefile, scratch, logs) for case in SIZES]
+    results = [measure_case(case, args, snakefile, scratch) for case in SIZES]
     fixed = next(row for row in results if row["case"] == "demo")
     (args.out / "scaling.json").write_text(json.dumps(
         {"workflow": workflow_fingerprint(REPO), "repeats": args.repeats, "results": results}, indent=1) + "\n")
