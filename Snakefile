@@ -74,7 +74,9 @@ rule help:
 
 onsuccess:
     print_conversion_summary()
+    exit_without_waiting()
 
 
 onerror:
     print_failure_hint(log)
+    exit_without_waiting()

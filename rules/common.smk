@@ -36,6 +36,7 @@ from ucpflow.helptext import help_text
 from ucpflow.ptfile.allowlist import configure as allow_globals
 from ucpflow.smk import (
     BASE_MEMORY_MB,
+    exit_without_waiting,
     job_memory_mb,
     job_runtime_minutes,
     run_in_process,

@@ -81,6 +81,8 @@ checkpoint export_hf_plan:
         f"{EXPORT}/hf_plan.json",
     log:
         f"{LOGS}/{{derived}}/export/hf_plan.log",
+    # Beside the extractions, ahead of them: the export's jobs are known only once it is written.
+    priority: 3
     conda:
         "../envs/ucpflow.yaml"
     params:
@@ -107,6 +109,7 @@ rule export_hf_shard:
         f"{LOGS}/hf/{{hf}}/{{stem}}.log",
     wildcard_constraints:
         stem=r"model(-\d{5}-of-\d{5})?",
+    priority: 1
     conda:
         "../envs/ucpflow.yaml"
     resources:

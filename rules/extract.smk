@@ -11,6 +11,8 @@ rule extract:
         f"{BENCHMARKS}/{{derived}}/extract/{{source}}.tsv"
     wildcard_constraints:
         source=r"[^/]+",
+    # Ahead of every other ready job: the merges, the longest jobs, wait for these maps.
+    priority: 2
     retries: config["retries"]
     # Hundreds of rank files: batch their extractions into few cluster jobs (see profiles/slurm).
     group:

@@ -12,6 +12,8 @@ rule merge:
         f"{BENCHMARKS}/{{universal}}/merge/{{bucket}}.tsv"
     wildcard_constraints:
         bucket=r"b\d+",
+    # Ahead of the side jobs (model-state copies, optimizer_state, report tables): short, needed only at the end.
+    priority: 1
     retries: config["retries"]
     conda:
         "../envs/ucpflow.yaml"

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 # The temp names of _temp_path (mkstemp: 8 random characters) and of ptfile.save (pid and 8 hex digits).
 _TEMP_NAME_TAIL = re.compile(r"[a-z0-9_]{8}\.partial.*|\d+\.[0-9a-f]{8}\.tmp")
@@ -78,6 +79,10 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     """A temp path beside `final` for a writer that takes a path (and may create the file anew, with any
     mode); on success it is renamed into place with the user's permissions, on error removed."""
     temp = _temp_path(final)
+    # The writer creates the file anew: ext4 writes out, when it is closed, a file that was truncated to
+    # empty (its guard for rewrite-in-place), which would cost the job a disk write of the whole output.
+    # The name stays unique (mkstemp's), and only one job writes a given output.
+    temp.unlink()
     try:
         yield temp
         _put_in_place(temp, final)
@@ -89,9 +94,16 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
 @contextmanager
 def atomic_writer(final: Path | str, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temp file beside `final`; on success rename it into place, on error remove it."""
-    with atomic_path(final) as temp:
-        with open(temp, mode, **({} if "b" in mode else {"newline": ""})) as handle:
+    temp = _temp_path(final)
+    try:
+        # "r+", not "w": the temp file is new and empty, and truncating it would make ext4 write it out on
+        # close (see atomic_path).
+        with open(temp, mode.replace("w", "r+"), **({} if "b" in mode else {"newline": ""})) as handle:
             yield handle
+        _put_in_place(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def write_text(final: Path | str, text: str, durable: bool = False) -> None:
@@ -120,6 +132,57 @@ def atomic_directory(final: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+class FileRange(NamedTuple):
+    """`nbytes` bytes of the file `path` from byte `offset`."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+
+# copy_file_range(2) is refused between some file systems and by some (EXDEV, EOPNOTSUPP, ...): then the bytes
+# go through this process instead.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY, errno.EPERM}
+_CHUNK_BYTES = 16 * 2**20
+
+
+def append_file_ranges(output_fd: int, ranges: Sequence[FileRange]) -> None:
+    """Append the bytes of `ranges`, in order, at the current position of `output_fd`.
+
+    The kernel copies them (copy_file_range: from the page cache to the page cache, without passing through
+    this process, so no memory is held); where it cannot, they are read and written in 16 MiB chunks.
+    Raises EOFError when a file ends before its range does.
+    """
+    kernel_copy = hasattr(os, "copy_file_range")
+    for path, offset, nbytes in ranges:
+        source = os.open(path, os.O_RDONLY)
+        try:
+            end = offset + nbytes
+            while offset < end:
+                count = 0
+                if kernel_copy:
+                    try:
+                        count = os.copy_file_range(source, output_fd, end - offset, offset)
+                    except OSError as error:
+                        if error.errno not in _NO_KERNEL_COPY:
+                            raise
+                        kernel_copy = False
+                    # Some file systems answer 0 for "not here" rather than at the end of the file.
+                    if count == 0 and os.fstat(source).st_size > offset:
+                        kernel_copy = False
+                if not kernel_copy:
+                    chunk = os.pread(source, min(end - offset, _CHUNK_BYTES), offset)
+                    count = len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(output_fd, view):]
+                if count == 0:
+                    raise EOFError(f"{path} ends at byte {offset}, before byte {end}")
+                offset += count
+        finally:
+            os.close(source)
 
 
 def remove_partial_folders(final: Path | str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -106,3 +107,15 @@ def run_in_process(log_path: Path | str, function: Callable[..., object], *args:
 def named_index_files(named: Namedlist) -> IndexFiles:
     """The index's files among a job's named inputs or outputs (`layout`, `fragments`, `params`, `info`)."""
     return IndexFiles(*(named.get(key) for key in IndexFiles._fields))
+
+
+def exit_without_waiting() -> None:
+    """Let a finished Snakemake process exit at once (called from onsuccess and onerror).
+
+    Snakemake's job-rate limiter re-arms a one-second `threading.Timer` after each round of job starts, and
+    Python waits for such threads before exiting: every run ended up to a second after its last job. Once the
+    run is over nothing waits on those timers, so they are cancelled here.
+    """
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()

@@ -1,7 +1,8 @@
 """A safetensors file written one tensor at a time, so that memory holds one tensor, not the whole file.
 
 The header (names, dtypes, shapes, offsets) is known before any data is read; tensors are laid out as the
-safetensors library lays them out (larger items first, then by name).
+safetensors library lays them out (larger items first, then by name). A tensor whose bytes already lie in
+other files, as they are to be written, is given as those files' byte ranges and copied by the kernel.
 """
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_writer
+from ..fileio import FileRange, append_file_ranges, atomic_writer
 from ..ptfile import float32_to_bfloat16_bits
 
 # torch dtype name -> (safetensors dtype, bytes per element)
@@ -38,10 +39,12 @@ def encode(array: np.ndarray, dtype: str) -> np.ndarray:
     return array.astype("<f8") if dtype == "float64" else array
 
 
-def write_safetensors(path: Path | str, tensors: Mapping[str, tuple[str, Sequence[int]]], read: Callable[[str], np.ndarray],
-                      metadata: dict[str, str] | None = None, written: Callable[[], object] | None = None) -> None:
+def write_safetensors(path: Path | str, tensors: Mapping[str, tuple[str, Sequence[int]]],
+                      read: Callable[[str], np.ndarray | Sequence[FileRange]], metadata: dict[str, str] | None = None,
+                      written: Callable[[], object] | None = None) -> None:
     """Write `tensors` ({name: (dtype, shape)}) to `path`; read(name) gives each one's values as a numpy array,
-    and written(), when given, is called once each tensor's bytes are written (to free what read it)."""
+    or the byte ranges of files that hold exactly its little-endian bytes, and written(), when given, is
+    called once each tensor's bytes are written (to free what read it)."""
     order = sorted(tensors, key=lambda name: (-DTYPES[tensors[name][0]][1], name))
     header, offset = {}, 0
     if metadata:
@@ -58,9 +61,17 @@ def write_safetensors(path: Path | str, tensors: Mapping[str, tuple[str, Sequenc
         handle.write(text)
         for name in order:
             dtype, shape = tensors[name]
-            data = encode(read(name), dtype)
-            if data.size != math.prod(shape):
-                raise ValueError(f"{name}: {data.size} elements, not {math.prod(shape)} of shape {shape}")
-            handle.write(np.ascontiguousarray(data).data)
+            source = read(name)
+            if isinstance(source, np.ndarray):
+                data = encode(source, dtype)
+                if data.size != math.prod(shape):
+                    raise ValueError(f"{name}: {data.size} elements, not {math.prod(shape)} of shape {shape}")
+                handle.write(np.ascontiguousarray(data).data)
+            else:
+                nbytes = sum(piece.nbytes for piece in source)
+                if nbytes != tensor_bytes(dtype, shape):
+                    raise ValueError(f"{name}: {nbytes} bytes, not the {tensor_bytes(dtype, shape)} of {dtype} {shape}")
+                handle.flush()
+                append_file_ranges(handle.fileno(), source)
             if written is not None:
                 written()

@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import ptfile
 from ..errors import CheckpointError
-from ..fileio import copy_file, write_text
+from ..fileio import FileRange, copy_file, write_text
 from ..markers import write_marker
 from ..source.hfconfig import CONFIG_FILE
 from ..stages.merge import BucketMerger
@@ -139,10 +139,14 @@ def plan_job(config_folder: str, layout: Layout, params_path: str, hf_dtype: str
     return plan
 
 
-def tensor_values(merger: BucketMerger, spec: Mapping[str, Any]) -> np.ndarray:
-    """One planned tensor's values, of its shape, as numpy (floats as float32)."""
+def tensor_values(merger: BucketMerger, spec: Mapping[str, Any]) -> np.ndarray | list[FileRange]:
+    """One planned tensor's values, of its shape, as numpy (floats as float32); or, where the rank files
+    hold its bytes as they are to be written, those byte ranges (copied by the kernel, never held here)."""
     shape = spec["shape"]
     if spec["kind"] == MERGED:
+        in_place = merger.weight_ranges(spec["param"])
+        if in_place is not None and in_place[1] == spec["dtype"]:
+            return in_place[0]
         array, dtype = merger.weight(spec["param"])
         if dtype == "bfloat16":
             return ptfile.bfloat16_bits_to_float32(array).reshape(shape)

@@ -16,6 +16,7 @@ import numpy as np
 from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
+from ..fileio import FileRange
 from ..ptfile import ArrayTensor, TensorRef, load
 from ..tables import KIND_MODEL, KIND_ZERO3, Located, write_extraction
 
@@ -127,6 +128,17 @@ class FragmentReader:
             raise CheckpointError(f"{path} ends before the data of {key}: the file is truncated.")
         self._touched.append((mapping, start, numel * array_dtype.itemsize))
         return np.frombuffer(mapping, dtype=array_dtype, count=numel, offset=start), dtype
+
+    def byte_range(self, path: str, key: str, offset: int, numel: int) -> FileRange:
+        """Where elements [offset, offset + numel) of a tensor lie in its file, checked against the file's size."""
+        dtype, base, total, _ = self.locate(path, key)
+        if offset + numel > total:
+            raise CheckpointError(f"{path}: a fragment of {key} runs past the end of the tensor.")
+        itemsize = ptfile.numpy_dtype(dtype).itemsize
+        start, nbytes = base + offset * itemsize, numel * itemsize
+        if start + nbytes > os.fstat(self._fd(path)).st_size:
+            raise CheckpointError(f"{path} ends before the data of {key}: the file is truncated.")
+        return FileRange(path, start, nbytes)
 
     def release(self) -> None:
         """Drop the mapped pages read so far from this process; they stay in the page cache."""

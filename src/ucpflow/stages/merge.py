@@ -17,7 +17,7 @@ import numpy as np
 from .. import dsconst as C
 from .. import ptfile
 from ..errors import CheckpointError
-from ..fileio import atomic_directory, remove_partial_folders
+from ..fileio import FileRange, atomic_directory, remove_partial_folders
 from ..markers import retract_latest_universal
 from ..ptfile import ArrayTensor
 from ..source.patterns import AFFINE, AVERAGE, REPLICATED, ROW_PARALLEL, SUB_PARAMS, TWO_SUB_PARAMS, MergeRule, classify
@@ -265,6 +265,27 @@ def merged_weight(reader: FragmentReader, row: Parameter, frags: list[Fragment],
     return tensor.array, tensor.dtype
 
 
+def weight_file_ranges(reader: FragmentReader, row: Parameter, frags: list[Fragment], rule: MergeRule | None,
+                       tp_degree: int) -> tuple[list[FileRange], str] | None:
+    """(the rank files' byte ranges whose concatenation is `merged_weight`'s array, its torch dtype name) where
+    that array is only the fp32 fragments of the data-parallel ranks laid end to end (no tensor-parallel
+    merge, no vocabulary trimming, no model-weight fallback); None where it is more."""
+    fp32 = sorted((frag for frag in frags if frag.state == FP32 and frag.tp == 0), key=lambda frag: frag.dp)
+    if row.format != FORMAT_FLAT:  # a flat (ZeRO-3) parameter is its rank-0 fragments as they are
+        if row.format in (FORMAT_MODULE, FORMAT_EXPERT) or tp_degree != 1 or row.shapes[0] is None:
+            return None
+        if rule is None or rule.vocabulary or rule.kind in (AFFINE, AVERAGE, SUB_PARAMS):
+            return None
+        if sum(frag.numel for frag in fp32) != math.prod(row.shapes[0]):
+            return None
+    if not fp32:
+        return None
+    dtypes = {reader.locate(frag.file, frag.tensor).dtype for frag in fp32}
+    if len(dtypes) != 1:
+        return None
+    return [reader.byte_range(frag.file, frag.tensor, frag.offset, frag.numel) for frag in fp32], dtypes.pop()
+
+
 def merge_states(reader: FragmentReader, row: Parameter, frags: list[Fragment], rule: MergeRule | None, info: dict,
                  tp_degree: int, save: Callable[[str, Any], None],
                  states: Collection[str] = (STEP, *OPTIMIZER_STATES)) -> None:
@@ -348,6 +369,12 @@ class BucketMerger:
         row = self._row(name)
         return merged_weight(self.reader, row, self.fragments.get(name, []), self._rule(row), self.info,
                              self.record.layout.tp_degree)
+
+    def weight_ranges(self, name: str) -> tuple[list[FileRange], str] | None:
+        """weight(name)'s bytes as byte ranges of the rank files, where they are that (weight_file_ranges)."""
+        row = self._row(name)
+        return weight_file_ranges(self.reader, row, self.fragments.get(name, []), self._rule(row),
+                                  self.record.layout.tp_degree)
 
     def release(self) -> None:
         self.reader.release()
