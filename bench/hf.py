@@ -1,13 +1,14 @@
 """`snakemake hf` against DeepSpeed's `zero_to_fp32.py` on a transformers model that DeepSpeed trained under
 ZeRO-3 on two CPU processes (DP=2, bf16), saved in the HF Trainer's folder layout:
 
-    python -m bench.hf [--case hf|hf_large] [--repeats N] [--cache DIR] [--out DIR]
+    python -m bench.hf [--case hf|hf_large|hf_tiny] [--repeats N] [--cache DIR] [--out DIR]
 
 Cases: `hf`, a GPT-2 small (124M parameters, tied embeddings); `hf_large`, a Llama of 551M parameters
 (18 layers, hidden 1536, 12 heads with 4 key/value heads, MLP 4096, vocabulary 32000, untied), 6.6 GB of
-checkpoint. Each round runs both from scratch (the order alternating): zero_to_fp32.py as the checkpoint
+checkpoint; `hf_tiny`, a Llama of 2 layers, hidden 64 (0.2 MB of checkpoint: what either tool pays
+before the data matters). Each round runs both from scratch (the order alternating): zero_to_fp32.py as the checkpoint
 folder ships it (`hf`: fp32 pytorch_model.bin, as its --safe_serialization fails on tied weights;
-`hf_large`: --safe_serialization), and `snakemake --cores 2 hf` in a fresh folder (index, extractions, then
+`hf_large`, `hf_tiny`: --safe_serialization), and `snakemake --cores 2 hf` in a fresh folder (index, extractions, then
 the export straight from the rank files: fp32 safetensors, no universal checkpoint). Every output is
 checked: the same tensors, torch.equal. Writes <out>/<case>.json and <out>/<case>.md.
 """
@@ -28,6 +29,8 @@ CASES = {
            "hf-gpt2-124-z3", []),
     "hf_large": (dict(model="llama", layers=18, hidden=1536, heads=12, kv_heads=4, ffn_hidden=4096, vocab=32000,
                       **TRAINING), "hf-llama-551m-z3", ["--safe_serialization"]),
+    "hf_tiny": (dict(model="llama", layers=2, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab=500, **TRAINING),
+                "hf-llama-tiny-z3", ["--safe_serialization"]),
 }
 TIMEOUT = 3600
 
