@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from ucpflow.errors import CheckpointError
 from ucpflow.export.safetensors_out import write_safetensors
 from ucpflow.fileio import FileRange, append_file_ranges
 
@@ -59,7 +60,7 @@ def test_a_file_system_without_kernel_copy_gets_the_bytes_through_the_process(tm
 
 def test_a_source_that_ends_before_its_range_is_refused(tmp_path, sources):
     first, _ = sources
-    with pytest.raises(EOFError, match="first.bin ends at byte 16384"):
+    with pytest.raises(CheckpointError, match="first.bin ends at byte 16384, before byte 17000: the file is truncated"):
         appended(tmp_path, [FileRange(str(first), 16000, 1000)])
 
 

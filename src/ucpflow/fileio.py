@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from .errors import CheckpointError
+
 # The temp names of _temp_path (mkstemp: 8 random characters) and of ptfile.save (pid and 8 hex digits).
 _TEMP_NAME_TAIL = re.compile(r"[a-z0-9_]{8}\.partial.*|\d+\.[0-9a-f]{8}\.tmp")
 
@@ -153,7 +155,7 @@ def append_file_ranges(output_fd: int, ranges: Sequence[FileRange]) -> None:
 
     The kernel copies them (copy_file_range: from the page cache to the page cache, without passing through
     this process, so no memory is held); where it cannot, they are read and written in 16 MiB chunks.
-    Raises EOFError when a file ends before its range does.
+    A file that ends before its range does is a CheckpointError.
     """
     kernel_copy = hasattr(os, "copy_file_range")
     for path, offset, nbytes in ranges:
@@ -179,7 +181,7 @@ def append_file_ranges(output_fd: int, ranges: Sequence[FileRange]) -> None:
                     while view:
                         view = view[os.write(output_fd, view):]
                 if count == 0:
-                    raise EOFError(f"{path} ends at byte {offset}, before byte {end}")
+                    raise CheckpointError(f"{path} ends at byte {offset}, before byte {end}: the file is truncated.")
                 offset += count
         finally:
             os.close(source)
