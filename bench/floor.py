@@ -5,7 +5,8 @@
 A generated workflow has the shape of ucpflow's merge and publish stages: one job stages N empty files,
 then N local jobs, run in Snakemake's process as ucpflow's `publish` jobs are, hard-link one file each
 into `zero/<name>/fp32.pt`. It runs under ucpflow's default profile, once with N parameters and once with
-one; the difference divided by N - 1 is Snakemake's cost per per-parameter job on this machine. Compare
+one; the difference divided by N - 1 is Snakemake's cost per per-parameter job on this machine. Like
+ucpflow's Snakefile, it exits as soon as its last job is done (ucpflow.smk.exit_without_waiting). Compare
 the N-parameter wall time with `python -m bench`'s ds_to_universal row for the same N (581 for `many`).
 Writes <out>/floor.json.
 """
@@ -53,6 +54,10 @@ rule publish:
     threads: 0
     run:
         os.link(f"{{input[0]}}/{{wildcards.name}}/fp32.pt", output[0])
+
+
+onsuccess:
+    exit_without_waiting()
 '''
 
 
@@ -60,7 +65,8 @@ def timed_run(parameters, scratch, log_path):
     """Wall seconds of one run of the generated workflow with `parameters` publish jobs, from scratch."""
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    (scratch / "Snakefile").write_text("import os\nfrom pathlib import Path\n" + SNAKEFILE.format(parameters=parameters))
+    (scratch / "Snakefile").write_text("import os\nfrom pathlib import Path\n\nfrom ucpflow.smk import exit_without_waiting\n"
+                                       + SNAKEFILE.format(parameters=parameters))
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(scratch / "Snakefile"), "--directory",
                str(scratch), "--cores", "2", "--workflow-profile", str(REPO / "profiles" / "default")]
     measured = run_measured(command, log_path=log_path, cwd=scratch)
