@@ -9,9 +9,9 @@ one with -s). Between runs the run folder's saves are listed every `--seconds` (
 converts the new saves and leaves the finished ones alone, and skips a save still being written, which a
 later run converts once it is complete.
 
-On SIGINT or SIGTERM a running Snakemake is asked to stop (SIGTERM: it ends its jobs, and no output's
-completion marker is written for anything unfinished); the next run, of this watch or by hand, converts the
-rest. The exit status is 0 after a signal, else Snakemake's status when a run fails.
+On SIGINT or SIGTERM a running Snakemake is stopped as Ctrl-C stops it (its running jobs are cancelled, and
+no output's completion marker is written for anything unfinished); the next run, of this watch or by hand,
+converts the rest. The exit status is 0 after a signal, else Snakemake's status when a run fails.
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ class Watch:
     def stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
         self.stopped.set()
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            # SIGINT, not SIGTERM: Snakemake's SIGTERM handler takes its scheduler's lock, and hangs for good
+            # when the signal comes while the scheduler holds that lock (as it does while it records finished
+            # jobs); SIGINT becomes a KeyboardInterrupt, which releases the lock and cancels the jobs.
+            self.process.send_signal(signal.SIGINT)
 
     def run_once(self) -> int:
         # A session of its own: a terminal's Ctrl-C reaches this watch, which stops Snakemake once.
