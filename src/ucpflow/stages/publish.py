@@ -7,7 +7,6 @@ Snakemake removes it, so an interrupted run can publish from it again). A staged
 (a partial deletion after a killed run) is merged again by the publish job itself.
 """
 
-import errno
 import os
 import shutil
 from collections.abc import Callable, Collection
@@ -43,44 +42,45 @@ def incomplete_parameter_stamp(folder: Path | str, expected: Collection[str]) ->
     return str(stamp) if missing_files(folder, expected) else ""
 
 
-def _replace_folder(built, target):
-    """Put the folder `built` at `target` in one rename (which replaces an empty folder, such as the one
-    Snakemake makes for the output), moving an older, non-empty `target` aside first."""
-    try:
-        os.replace(built, target)
-        return
-    except OSError as error:
-        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-    old = target.with_name(f".{target.name}.old.partial")
-    if old.exists():
-        shutil.rmtree(old)
-    os.rename(target, old)
-    os.rename(built, target)
-    shutil.rmtree(old)
+def _link_into(source: Path, target: Path, expected: Collection[str]) -> None:
+    """Put source/<file> at target/<file> for each expected file, each by one rename of a hard link, fp32.pt
+    last (so its presence says the others are there), and remove files not expected.
+
+    The folder itself is kept: Snakemake made it for the output, and replacing it with a built one frees its
+    block (a synchronous discard on some file systems, up to seconds on this one, under the lock of zero/)."""
+    target.mkdir(FOLDER_MODE, exist_ok=True)
+    for stale in set(os.listdir(target)) - set(expected):
+        stale_path = target / stale
+        shutil.rmtree(stale_path) if stale_path.is_dir() and not stale_path.is_symlink() else stale_path.unlink()
+    for file in sorted(expected, key=lambda name: name == FP32_FILE):
+        temp = target / f".{file}.publishing"
+        temp.unlink(missing_ok=True)
+        os.link(source / file, temp)
+        os.replace(temp, target / file)
+        # rename(2) does nothing when both names are already links of one file (published before).
+        temp.unlink(missing_ok=True)
 
 
 def publish_parameter(staged_bucket: Path | str, output_folder: str, name: str, expected: Collection[str],
                       merge_again: Callable[[str], object]) -> None:
-    """Hard-link staged_bucket/<name>/ into OUT/zero/<name>/, or, when the staged copy is incomplete,
-    call `merge_again(folder)` to write the parameter's files into `folder` first."""
+    """Hard-link staged_bucket/<name>/<file> into OUT/zero/<name>/, or, when the staged copy is incomplete,
+    call `merge_again(folder)` to write the parameter's files into a new folder first."""
     retract_latest_universal(output_folder)
     zero = Path(output_folder) / ZERO
     zero.mkdir(parents=True, exist_ok=True)
+    source = Path(staged_bucket) / name
+    if source.is_dir() and not missing_files(source, expected):
+        _link_into(source, zero / name, expected)
+        return
     built = zero / f".{name}.publishing"
     if built.exists():
         shutil.rmtree(built)
-    source = Path(staged_bucket) / name
-    if source.is_dir() and not missing_files(source, expected):
-        os.mkdir(built, FOLDER_MODE)
-        for file in expected:
-            os.link(source / file, built / file)
-    else:
-        merge_again(str(built))
-        lost = missing_files(built, expected)
-        if lost:
-            raise CheckpointError(f"Merging {name} again did not write {', '.join(lost)}.")
-    _replace_folder(built, zero / name)
+    merge_again(str(built))
+    lost = missing_files(built, expected)
+    if lost:
+        raise CheckpointError(f"Merging {name} again did not write {', '.join(lost)}.")
+    _link_into(built, zero / name, expected)
+    shutil.rmtree(built)
 
 
 def publish_job(name: str, staged_bucket: str, output_folder: str, files: list[str], bucket: str,
