@@ -10,8 +10,9 @@ converts the new saves and leaves the finished ones alone, and skips a save stil
 later run converts once it is complete.
 
 On SIGINT or SIGTERM a running Snakemake is stopped as Ctrl-C stops it (its running jobs are cancelled, and
-no output's completion marker is written for anything unfinished); the next run, of this watch or by hand,
-converts the rest. The exit status is 0 after a signal, else Snakemake's status when a run fails.
+no output's completion marker is written for anything unfinished), with Ctrl-C again every few seconds
+while it is still running (Snakemake ignores one that comes while it writes a log line); the next run, of
+this watch or by hand, converts the rest. The exit status is 0 after a signal, else Snakemake's status when a run fails.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +31,9 @@ from .errors import UcpflowError
 from .source.saves import list_saves
 
 SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
+# Snakemake drops a KeyboardInterrupt that arrives while it writes a log line (its log handler catches it):
+# a Snakemake still running this long after the last SIGINT gets another.
+INTERRUPT_AGAIN_SECONDS = 3.0
 
 
 def run_folder_of(snakemake_args: Sequence[str]) -> str:
@@ -57,19 +62,30 @@ class Watch:
         self.seconds = seconds
         self.stopped = threading.Event()
         self.process: subprocess.Popen | None = None
+        self.interrupted_at = 0.0
 
     def stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
         self.stopped.set()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
         if self.process is not None and self.process.poll() is None:
             # SIGINT, not SIGTERM: Snakemake's SIGTERM handler takes its scheduler's lock, and hangs for good
             # when the signal comes while the scheduler holds that lock (as it does while it records finished
             # jobs); SIGINT becomes a KeyboardInterrupt, which releases the lock and cancels the jobs.
             self.process.send_signal(signal.SIGINT)
+            self.interrupted_at = time.monotonic()
 
     def run_once(self) -> int:
-        # A session of its own: a terminal's Ctrl-C reaches this watch, which stops Snakemake once.
+        # A session of its own: a terminal's Ctrl-C reaches this watch, which stops Snakemake itself.
         self.process = subprocess.Popen(self.command, start_new_session=True)
-        returncode = self.process.wait()
+        while True:
+            try:
+                returncode = self.process.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if self.stopped.is_set() and time.monotonic() - self.interrupted_at >= INTERRUPT_AGAIN_SECONDS:
+                    self._interrupt()
         self.process = None
         return returncode
 
