@@ -12,7 +12,8 @@ later run converts once it is complete.
 On SIGINT or SIGTERM a running Snakemake is stopped as Ctrl-C stops it (its running jobs are cancelled, and
 no output's completion marker is written for anything unfinished), with Ctrl-C again every few seconds
 while it is still running (Snakemake ignores one that comes while it writes a log line); the next run, of
-this watch or by hand, converts the rest. The exit status is 0 after a signal, else Snakemake's status when a run fails.
+this watch or by hand, converts the rest. The exit status is 0 after a signal, else Snakemake's status
+when a run fails.
 """
 
 from __future__ import annotations

@@ -53,8 +53,7 @@ def _link_into(source: Path, target: Path, expected: Collection[str]) -> None:
         stale_path = target / stale
         shutil.rmtree(stale_path) if stale_path.is_dir() and not stale_path.is_symlink() else stale_path.unlink()
     for file in sorted(expected, key=lambda name: name == FP32_FILE):
-        temp = target / f".{file}.publishing"
-        temp.unlink(missing_ok=True)
+        temp = target / f".{file}.publishing"  # a killed job's is gone: not expected, so removed above
         os.link(source / file, temp)
         os.replace(temp, target / file)
         # rename(2) does nothing when both names are already links of one file (published before).
